@@ -1,0 +1,223 @@
+"""The change event contract, written down once and enforced here.
+
+A change event is one row change of a captured table (``bids`` or ``listings``)
+as committed in Postgres. Every stage that produces or reads events uses this
+module; nobody else spells out a column.
+
+Wire format
+-----------
+One event is one CSV line: RFC 4180 quoting (a field holding a comma, a quote,
+CR or LF is quoted, quotes doubled), fields in the order of ``COLUMNS``, no
+header, ending in ``\\n``. The capture puts exactly these bytes into Kinesis,
+so Firehose (or the local bridge) lands them unchanged and a landed file is
+a valid CSV file. An empty field is NULL.
+
+Columns (schema version 1)
+--------------------------
+==================  =======================================================
+schema_version      ``1``
+event_id            32 hex digits: SHA-256 of commit LSN, change LSN, table,
+                    key and operation. A replay of the same WAL yields the
+                    same ids, so readers remove duplicates by this column.
+event_type          ``bid`` or ``listing``
+op                  ``insert``, ``update`` or ``delete``
+commit_lsn          the transaction's commit position, ``X/X`` hex as
+                    Postgres prints it
+commit_time         commit time, ISO-8601 UTC with 6 fractional digits
+                    (``2026-12-04T15:52:59.123456Z``)
+table_key           the row's primary key, as a string
+listing_id          string (ids are strings, so 64-bit ids survive any reader)
+bid_id              string; bid events only
+bidder_id           string; bid events only
+amount              decimal string exactly as stored (``12.50``); bids only
+placed_at           when the bid was placed, ISO-8601 UTC; bids only
+seller_id           string; listing events only
+title               listing title (trailing spaces trimmed at load)
+category_id         string; listing events only
+category            category title; listing events only
+sub_category_id     string; listing events only
+sub_category        sub-category title; listing events only
+price               the listing's current price, decimal string
+status              ``live``, ``sold`` or ``ended``
+ends_at             when the auction ends, ISO-8601 UTC
+description         free text, may be large; an update that leaves it
+                    unchanged still carries it
+==================  =======================================================
+
+For a delete, only the key columns are certain to be set: ``table_key`` and
+the event type's id columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+
+SCHEMA_VERSION = "1"
+
+EVENT_TYPES = ("bid", "listing")
+OPERATIONS = ("insert", "update", "delete")
+LISTING_STATUSES = ("live", "sold", "ended")
+
+COLUMNS: tuple[str, ...] = (
+    "schema_version",
+    "event_id",
+    "event_type",
+    "op",
+    "commit_lsn",
+    "commit_time",
+    "table_key",
+    "listing_id",
+    "bid_id",
+    "bidder_id",
+    "amount",
+    "placed_at",
+    "seller_id",
+    "title",
+    "category_id",
+    "category",
+    "sub_category_id",
+    "sub_category",
+    "price",
+    "status",
+    "ends_at",
+    "description",
+)
+
+#: Spark SQL types of the columns, for readers that need an explicit schema.
+SPARK_TYPES: dict[str, str] = {
+    **{name: "STRING" for name in COLUMNS},
+    "amount": "DECIMAL(18,2)",
+    "price": "DECIMAL(18,2)",
+    "commit_time": "TIMESTAMP",
+    "placed_at": "TIMESTAMP",
+    "ends_at": "TIMESTAMP",
+}
+
+TIME_COLUMNS = ("commit_time", "placed_at", "ends_at")
+DECIMAL_COLUMNS = ("amount", "price")
+
+_LSN = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
+
+
+class EventError(ValueError):
+    """An event breaks the contract; the message names the column and value."""
+
+
+def spark_ddl() -> str:
+    """The contract as a Spark DDL schema string, in column order."""
+    return ", ".join(f"{name} {SPARK_TYPES[name]}" for name in COLUMNS)
+
+
+def event_id(commit_lsn: str, change_lsn: str, table: str, key: str, op: str) -> str:
+    """The deterministic id of one change.
+
+    The change's own LSN tells apart two changes of one row in one transaction.
+    """
+    material = "|".join((commit_lsn, change_lsn, table, key, op))
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def normalize_time(text: str) -> str:
+    """Turn a Postgres or ISO-8601 timestamp into ISO-8601 UTC with microseconds.
+
+    Accepts 0 to 6 fractional digits and offsets written ``+01``, ``+0530`` or
+    ``+05:30``; a time without an offset is taken as UTC.
+    """
+    match = re.fullmatch(
+        r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?"
+        r"(Z|[+-]\d{2}(?::?\d{2})?(?::?\d{2})?)?",
+        text.strip(),
+    )
+    if match is None:
+        raise EventError(f"not a timestamp: {text!r}")
+    day, clock, fraction, offset = match.groups()
+    moment = datetime.fromisoformat(f"{day}T{clock}").replace(
+        microsecond=int((fraction or "0").ljust(6, "0")), tzinfo=_offset(offset)
+    )
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _offset(text: str | None) -> timezone:
+    if not text or text == "Z":
+        return UTC
+    sign = -1 if text[0] == "-" else 1
+    digits = text[1:].replace(":", "")
+    hours, minutes, seconds = int(digits[:2]), int(digits[2:4] or 0), int(digits[4:6] or 0)
+    return timezone(sign * timedelta(hours=hours, minutes=minutes, seconds=seconds))
+
+
+def normalize_decimal(text: str, column: str = "amount") -> str:
+    """Check that ``text`` is a finite decimal and return it unchanged."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise EventError(f"{column}={text!r} is not a decimal") from exc
+    if not value.is_finite():
+        raise EventError(f"{column}={text!r} is not finite")
+    return text
+
+
+def validate(event: Mapping[str, str | None]) -> dict[str, str | None]:
+    """Check one event against the contract and return it with every column present."""
+    unknown = set(event) - set(COLUMNS)
+    if unknown:
+        raise EventError(f"unknown columns {sorted(unknown)!r}")
+    row: dict[str, str | None] = {name: event.get(name) for name in COLUMNS}
+    row["schema_version"] = row["schema_version"] or SCHEMA_VERSION
+
+    for name in ("event_id", "event_type", "op", "commit_lsn", "commit_time", "table_key"):
+        if not row[name]:
+            raise EventError(f"{name} is missing")
+    if row["event_type"] not in EVENT_TYPES:
+        raise EventError(f"event_type={row['event_type']!r} is not one of {EVENT_TYPES}")
+    if row["op"] not in OPERATIONS:
+        raise EventError(f"op={row['op']!r} is not one of {OPERATIONS}")
+    if not _LSN.match(row["commit_lsn"] or ""):
+        raise EventError(f"commit_lsn={row['commit_lsn']!r} is not an LSN")
+    if row["status"] is not None and row["status"] not in LISTING_STATUSES:
+        raise EventError(f"status={row['status']!r} is not one of {LISTING_STATUSES}")
+
+    for name in TIME_COLUMNS:
+        value = row[name]
+        if value is not None:
+            row[name] = normalize_time(value)
+    for name in DECIMAL_COLUMNS:
+        value = row[name]
+        if value is not None:
+            row[name] = normalize_decimal(value, name)
+    return row
+
+
+def encode(event: Mapping[str, str | None]) -> bytes:
+    """One event as one CSV line (UTF-8, ``\\n``-terminated), after validation."""
+    row = validate(event)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    writer.writerow(["" if row[name] is None else row[name] for name in COLUMNS])
+    return buffer.getvalue().encode()
+
+
+def decode(lines: str | Iterable[str]) -> list[dict[str, str | None]]:
+    """Read landed CSV text back into events; the inverse of :func:`encode`."""
+    source = io.StringIO(lines) if isinstance(lines, str) else lines
+    events = []
+    for number, fields in enumerate(csv.reader(source), start=1):
+        if len(fields) != len(COLUMNS):
+            raise EventError(f"record {number} has {len(fields)} fields, expected {len(COLUMNS)}")
+        events.append({name: (value or None) for name, value in zip(COLUMNS, fields, strict=True)})
+    return events

@@ -1,0 +1,71 @@
+"""The change-capture Lambda: run every minute by a schedule, drains the slot to Kinesis.
+
+``handler(event, context)`` takes any scheduled event (its contents are not
+read) and returns the run's counts. Settings and AWS clients are built once
+per container; the database connection is reused while it stays open.
+Locally the command line calls the same handler in-process on a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import boto3
+import psycopg2
+
+from encore.settings import Settings, redact_dsn
+from lambdas import json_logging
+from lambdas.capture.capture import Capture, CaptureLimits
+from lambdas.capture.kinesis_sink import KinesisSink
+
+json_logging.configure()
+logger = logging.getLogger(__name__)
+
+_settings: Settings | None = None
+_clients: dict[str, Any] = {}
+_conn: Any = None
+
+
+def _connection(settings: Settings) -> Any:
+    global _conn
+    if _conn is None or _conn.closed:
+        dsn = settings.require_dsn()
+        try:
+            _conn = psycopg2.connect(dsn, connect_timeout=10)
+        except psycopg2.OperationalError as exc:
+            raise ConnectionError(f"cannot reach Postgres at {redact_dsn(dsn)}: {exc}") from exc
+    return _conn
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    global _settings
+    json_logging.request_id.set(getattr(context, "aws_request_id", None))
+    settings = _settings = _settings or Settings.load()
+    if not _clients:
+        _clients["kinesis"] = boto3.client("kinesis", **settings.boto3_kwargs())
+        _clients["s3"] = boto3.client("s3", **settings.boto3_kwargs())
+
+    sink = KinesisSink(_clients["kinesis"], settings.stream_name, _clients["s3"], settings.bucket)
+    capture = Capture(
+        _connection(settings),
+        sink,
+        settings.slot_name,
+        settings.publication_name,
+        CaptureLimits(settings.capture_max_changes, settings.capture_max_bytes,
+                      settings.capture_time_margin_s),
+    )
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    try:
+        if remaining is None:
+            result = capture.run()
+        else:
+            result = capture.run(lambda: remaining() / 1000)
+    except psycopg2.Error:
+        # A broken connection is not reused by the next invocation.
+        if _conn is not None:
+            _conn.close()
+        raise
+    summary = result.summary()
+    logger.info("capture finished: %s", summary)
+    return summary

@@ -1,0 +1,254 @@
+"""Load the marketplace's export (``user_interaction.csv``) into Postgres.
+
+The export has one row per (user, category, sub-category, listing title,
+listing price) with the user's bid count and bid total. Its quirks are real
+and handled here, never by editing the file:
+
+* misspelled headers (``catagory``, ``sub_catagory``) are mapped to names;
+* trailing spaces in titles and handles are trimmed, and so is a CR/LF inside
+  a quoted field (``"Designer Toys\\r\\n"``); rows that become equal after
+  trimming are merged by adding their counts and totals;
+* every field is quoted, and a quoted field may hold a newline, so records are
+  read with the ``csv`` module and numbered by the line they start on.
+
+A row that cannot be loaded (no user id, a count or amount that is not a
+number, a total too small to split into positive bids) is written to the
+rejects file with its line number and reason, and the load goes on.
+
+Each distinct (category, sub-category, title, price) becomes one listing: the
+export has no listing ids. Listing ids start above 2**32 so that every stage
+is exercised with ids that do not fit in 32 bits.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
+
+HEADER_NAMES = {
+    "uid": "user_id",
+    "username": "user_name",
+    "catagory": "category",
+    "category": "category",
+    "sub_catagory": "sub_category",
+    "sub_category": "sub_category",
+    "product": "title",
+    "listing_amount": "price",
+    "counts": "bid_count",
+    "total_bid_amount": "bid_total",
+}
+REQUIRED = ("user_id", "user_name", "category", "sub_category", "title", "price", "bid_count",
+            "bid_total")
+FIRST_LISTING_ID = 10_000_000_000
+CENT = Decimal("0.01")
+
+
+class ExportError(ValueError):
+    """The export as a whole cannot be read (not one bad row: those are rejected)."""
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One user's bids on one listing, as the export aggregates them."""
+
+    user_id: str
+    user_name: str
+    category: str
+    sub_category: str
+    title: str
+    price: Decimal
+    bid_count: int
+    bid_total: Decimal
+
+    @property
+    def listing_key(self) -> tuple[str, str, str, Decimal]:
+        return (self.category, self.sub_category, self.title, self.price)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    line: int
+    reason: str
+    fields: tuple[str, ...]
+
+
+@dataclass
+class Export:
+    source: str
+    interactions: list[Interaction] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    rows_read: int = 0
+
+    @property
+    def bid_count(self) -> int:
+        return sum(row.bid_count for row in self.interactions)
+
+
+@dataclass(frozen=True)
+class Listing:
+    id: int
+    category: str
+    sub_category: str
+    title: str
+    price: Decimal
+
+
+def read_export(path: Path | str) -> Export:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return parse_export(handle, source=str(path))
+
+
+def parse_export(handle: TextIO, source: str = "<export>") -> Export:
+    export = Export(source=source)
+    merged: dict[tuple[str, str, str, str, Decimal], Interaction] = {}
+    records = _numbered_records(handle)
+
+    try:
+        header_line, header = next(records)
+    except StopIteration as exc:
+        raise ExportError(f"{source} is empty") from exc
+    columns = [HEADER_NAMES.get(name.strip().lower(), name.strip().lower()) for name in header]
+    missing = [name for name in REQUIRED if name not in columns]
+    if missing:
+        raise ExportError(f"{source} line {header_line}: header lacks {missing!r}")
+
+    for line, fields in records:
+        export.rows_read += 1
+        try:
+            row = _interaction(dict(zip(columns, fields, strict=False)), len(fields), len(columns))
+        except ValueError as exc:
+            export.rejected.append(Rejected(line, str(exc), tuple(fields)))
+            logger.warning("%s line %d rejected: %s", source, line, exc)
+            continue
+        key = (row.user_id, *row.listing_key)
+        earlier = merged.get(key)
+        if earlier is not None:
+            row = Interaction(
+                **{**earlier.__dict__,
+                   "bid_count": earlier.bid_count + row.bid_count,
+                   "bid_total": earlier.bid_total + row.bid_total}
+            )
+        merged[key] = row
+
+    export.interactions = list(merged.values())
+    logger.info(
+        "%s: %d rows read, %d interactions, %d bids, %d rejected",
+        source, export.rows_read, len(export.interactions), export.bid_count, len(export.rejected),
+    )
+    return export
+
+
+def _numbered_records(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line the record starts on, fields), skipping blank lines."""
+    reader = csv.reader(handle)
+    line_after = 0
+    for fields in reader:
+        start, line_after = line_after + 1, reader.line_num
+        if fields and any(value.strip() for value in fields):
+            yield start, fields
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text.strip()
+
+
+def _interaction(raw: dict[str, str], width: int, expected: int) -> Interaction:
+    if width != expected:
+        raise ValueError(f"has {width} fields, expected {expected}")
+    values = {name: _clean(raw.get(name, "")) for name in REQUIRED}
+    for name in ("user_id", "category", "sub_category", "title"):
+        if not values[name]:
+            raise ValueError(f"{name} is empty")
+
+    price = _decimal(values["price"], "price")
+    if price < 0:
+        raise ValueError(f"price {values['price']!r} is negative")
+    total = _decimal(values["bid_total"], "bid_total")
+    try:
+        count = int(values["bid_count"])
+    except ValueError as exc:
+        raise ValueError(f"bid_count {values['bid_count']!r} is not a whole number") from exc
+    if count < 1:
+        raise ValueError(f"bid_count {count} is not positive")
+    if total < CENT * count:
+        raise ValueError(f"bid_total {total} cannot be split into {count} positive bids")
+    if total != total.quantize(CENT):
+        raise ValueError(f"bid_total {total} has fractions of a cent")
+
+    return Interaction(
+        user_id=values["user_id"],
+        user_name=values["user_name"] or values["user_id"],
+        category=values["category"],
+        sub_category=values["sub_category"],
+        title=values["title"],
+        price=price,
+        bid_count=count,
+        bid_total=total,
+    )
+
+
+def _decimal(text: str, name: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise ValueError(f"{name} {text!r} is not a number") from exc
+    if not value.is_finite():
+        raise ValueError(f"{name} {text!r} is not finite")
+    return value
+
+
+def plan_listings(interactions: list[Interaction]) -> list[Listing]:
+    """One listing per distinct (category, sub-category, title, price), ids in sorted order."""
+    keys = sorted({row.listing_key for row in interactions})
+    return [Listing(FIRST_LISTING_ID + number, *key) for number, key in enumerate(keys)]
+
+
+def write_rejects(export: Export, path: Path) -> None:
+    """Write rejected rows as CSV: source, line, reason, then the row's fields."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "line", "reason", "fields"])
+        for reject in export.rejected:
+            writer.writerow([export.source, reject.line, reject.reason, *reject.fields])
+
+
+def load_catalogue(conn: Any, export: Export, listings: list[Listing], windows: dict[int, Any]) -> None:
+    """Insert users, categories, sub-categories and listings; existing rows are kept.
+
+    ``windows`` maps a listing id to its (starts_at, ends_at).
+    """
+    users = sorted({(row.user_id, row.user_name) for row in export.interactions})
+    categories = sorted({row.category for row in export.interactions})
+    category_ids = {title: number for number, title in enumerate(categories, start=1)}
+    sub_categories = sorted({(row.category, row.sub_category) for row in export.interactions})
+    sub_category_ids = {key: number for number, key in enumerate(sub_categories, start=1)}
+
+    with conn, conn.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO users (id, user_name) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING", users
+        )
+        cursor.executemany(
+            "INSERT INTO categories (id, title) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING",
+            [(number, title) for title, number in category_ids.items()],
+        )
+        cursor.executemany(
+            "INSERT INTO sub_categories (id, category_id, title) VALUES (%s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING",
+            [(number, category_ids[category], title)
+             for (category, title), number in sub_category_ids.items()],
+        )
+        cursor.executemany(
+            "INSERT INTO listings (id, title, category_id, sub_category_id, price, starts_at,"
+            " ends_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+            [(listing.id, listing.title, category_ids[listing.category],
+              sub_category_ids[(listing.category, listing.sub_category)], listing.price,
+              *windows[listing.id]) for listing in listings],
+        )
