@@ -37,7 +37,6 @@ RECOMMENDATIONS_PREFIX = "recommendations/"
 RECOMMENDATIONS_POINTER = RECOMMENDATIONS_PREFIX + "current.json"
 
 
-
 def landing_key(arrival: datetime, name: str) -> str:
     return f"{LANDING_PREFIX}{arrival:%Y/%m/%d/%H}/{name}"
 

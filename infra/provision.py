@@ -94,4 +94,6 @@ def _ensure_delivery_stream(firehose: Any, spec: Resources) -> None:
         if status["DeliveryStreamDescription"]["DeliveryStreamStatus"] == "ACTIVE":
             break
         time.sleep(0.5)
-    logger.info("created delivery stream %s -> s3://%s/%s", delivery.name, delivery.bucket, delivery.prefix)
+    logger.info(
+        "created delivery stream %s -> s3://%s/%s", delivery.name, delivery.bucket, delivery.prefix
+    )

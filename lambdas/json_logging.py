@@ -34,10 +34,10 @@ class JsonFormatter(logging.Formatter):
 
 def configure() -> None:
     """Install JSON logging on the root logger when running in Lambda."""
-    root = logging.getLogger()
-    root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
     if not os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
         return
+    root = logging.getLogger()
+    root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
     for handler in root.handlers:
         handler.setFormatter(JsonFormatter())
     if not root.handlers:

@@ -17,6 +17,7 @@ stage imports it.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -46,8 +47,15 @@ class BridgeResult:
 
 
 class FirehoseBridge:
-    def __init__(self, kinesis: Any, firehose: Any, s3: Any, stream_name: str,
-                 delivery_stream_name: str, bucket: str) -> None:
+    def __init__(
+        self,
+        kinesis: Any,
+        firehose: Any,
+        s3: Any,
+        stream_name: str,
+        delivery_stream_name: str,
+        bucket: str,
+    ) -> None:
         self.kinesis = kinesis
         self.firehose = firehose
         self.s3 = s3
@@ -64,11 +72,15 @@ class FirehoseBridge:
             self._drain_shard(shard["ShardId"], checkpoints, result)
         return result
 
-    def _drain_shard(self, shard_id: str, checkpoints: dict[str, str], result: BridgeResult) -> None:
+    def _drain_shard(
+        self, shard_id: str, checkpoints: dict[str, str], result: BridgeResult
+    ) -> None:
         after = checkpoints.get(shard_id)
         if after:
-            iterator_args = {"ShardIteratorType": "AFTER_SEQUENCE_NUMBER",
-                             "StartingSequenceNumber": after}
+            iterator_args = {
+                "ShardIteratorType": "AFTER_SEQUENCE_NUMBER",
+                "StartingSequenceNumber": after,
+            }
         else:
             iterator_args = {"ShardIteratorType": "TRIM_HORIZON"}
         iterator = self.kinesis.get_shard_iterator(
@@ -80,8 +92,10 @@ class FirehoseBridge:
             if not records:
                 break
             result.kinesis_records += len(records)
-            lines = [user["kinesis"]["data"]
-                     for user in iter_deaggregate_records(records, data_format="Boto3")]
+            lines = [
+                _user_record_bytes(user["kinesis"])
+                for user in iter_deaggregate_records(records, data_format="Boto3")
+            ]
             result.user_records += len(lines)
             self._deliver(lines, result)
             checkpoints[shard_id] = records[-1]["SequenceNumber"]
@@ -120,9 +134,11 @@ class FirehoseBridge:
                 result.landed += len(pending)
                 result.batches += 1
                 return
-            failed = [entry for entry, status in
-                      zip(pending, response["RequestResponses"], strict=True)
-                      if "ErrorCode" in status]
+            failed = [
+                entry
+                for entry, status in zip(pending, response["RequestResponses"], strict=True)
+                if "ErrorCode" in status
+            ]
             result.landed += len(pending) - len(failed)
             pending = failed
             time.sleep(min(2.0, 0.05 * 2**attempt))
@@ -134,7 +150,9 @@ class FirehoseBridge:
         key = layout.landing_error_key("format-conversion-failed", now, name)
         body = {"reason": reason, "rawData": line.decode("utf-8", errors="replace")}
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(body).encode())
-        logger.warning("record could not be landed (%s); kept at s3://%s/%s", reason, self.bucket, key)
+        logger.warning(
+            "record could not be landed (%s); kept at s3://%s/%s", reason, self.bucket, key
+        )
 
     def _load_checkpoints(self) -> dict[str, str]:
         try:
@@ -147,8 +165,15 @@ class FirehoseBridge:
         return loaded
 
     def _save_checkpoints(self, checkpoints: dict[str, str]) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=CHECKPOINT_KEY,
-                           Body=json.dumps(checkpoints).encode())
+        self.s3.put_object(
+            Bucket=self.bucket, Key=CHECKPOINT_KEY, Body=json.dumps(checkpoints).encode()
+        )
+
+
+def _user_record_bytes(record: dict[str, Any]) -> bytes:
+    """The deaggregator hands back aggregated user records base64-encoded, others raw."""
+    data: bytes = record["data"]
+    return base64.b64decode(data) if record.get("aggregated") else data
 
 
 def _check(line: bytes) -> str | None:

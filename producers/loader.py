@@ -44,8 +44,16 @@ HEADER_NAMES = {
     "counts": "bid_count",
     "total_bid_amount": "bid_total",
 }
-REQUIRED = ("user_id", "user_name", "category", "sub_category", "title", "price", "bid_count",
-            "bid_total")
+REQUIRED = (
+    "user_id",
+    "user_name",
+    "category",
+    "sub_category",
+    "title",
+    "price",
+    "bid_count",
+    "bid_total",
+)
 FIRST_LISTING_ID = 10_000_000_000
 CENT = Decimal("0.01")
 
@@ -131,16 +139,22 @@ def parse_export(handle: TextIO, source: str = "<export>") -> Export:
         earlier = merged.get(key)
         if earlier is not None:
             row = Interaction(
-                **{**earlier.__dict__,
-                   "bid_count": earlier.bid_count + row.bid_count,
-                   "bid_total": earlier.bid_total + row.bid_total}
+                **{
+                    **earlier.__dict__,
+                    "bid_count": earlier.bid_count + row.bid_count,
+                    "bid_total": earlier.bid_total + row.bid_total,
+                }
             )
         merged[key] = row
 
     export.interactions = list(merged.values())
     logger.info(
         "%s: %d rows read, %d interactions, %d bids, %d rejected",
-        source, export.rows_read, len(export.interactions), export.bid_count, len(export.rejected),
+        source,
+        export.rows_read,
+        len(export.interactions),
+        export.bid_count,
+        len(export.rejected),
     )
     return export
 
@@ -220,7 +234,9 @@ def write_rejects(export: Export, path: Path) -> None:
             writer.writerow([export.source, reject.line, reject.reason, *reject.fields])
 
 
-def load_catalogue(conn: Any, export: Export, listings: list[Listing], windows: dict[int, Any]) -> None:
+def load_catalogue(
+    conn: Any, export: Export, listings: list[Listing], windows: dict[int, Any]
+) -> None:
     """Insert users, categories, sub-categories and listings; existing rows are kept.
 
     ``windows`` maps a listing id to its (starts_at, ends_at).
@@ -242,13 +258,23 @@ def load_catalogue(conn: Any, export: Export, listings: list[Listing], windows: 
         cursor.executemany(
             "INSERT INTO sub_categories (id, category_id, title) VALUES (%s, %s, %s)"
             " ON CONFLICT (id) DO NOTHING",
-            [(number, category_ids[category], title)
-             for (category, title), number in sub_category_ids.items()],
+            [
+                (number, category_ids[category], title)
+                for (category, title), number in sub_category_ids.items()
+            ],
         )
         cursor.executemany(
             "INSERT INTO listings (id, title, category_id, sub_category_id, price, starts_at,"
             " ends_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-            [(listing.id, listing.title, category_ids[listing.category],
-              sub_category_ids[(listing.category, listing.sub_category)], listing.price,
-              *windows[listing.id]) for listing in listings],
+            [
+                (
+                    listing.id,
+                    listing.title,
+                    category_ids[listing.category],
+                    sub_category_ids[(listing.category, listing.sub_category)],
+                    listing.price,
+                    *windows[listing.id],
+                )
+                for listing in listings
+            ],
         )

@@ -170,8 +170,14 @@ class _CategoryTitles:
 
 
 class Capture:
-    def __init__(self, conn: Any, sink: KinesisSink, slot_name: str, publication: str,
-                 limits: CaptureLimits | None = None) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        sink: KinesisSink,
+        slot_name: str,
+        publication: str,
+        limits: CaptureLimits | None = None,
+    ) -> None:
         self.conn = conn
         self.sink = sink
         self.slot_name = slot_name
@@ -198,8 +204,13 @@ class Capture:
             with self.conn.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_unlock(%s)", (lock_key(self.slot_name),))
         result.lag_bytes = self.lag_bytes()
-        logger.info("capture %s: %d changes in %d transactions, lag %s bytes",
-                    result.status, result.changes, result.transactions, result.lag_bytes)
+        logger.info(
+            "capture %s: %d changes in %d transactions, lag %s bytes",
+            result.status,
+            result.changes,
+            result.transactions,
+            result.lag_bytes,
+        )
         return result
 
     def _drain(self, result: CaptureResult, remaining_s: Callable[[], float]) -> None:
@@ -208,8 +219,9 @@ class Capture:
             if remaining_s() < self.limits.time_margin_s:
                 result.status = "time"
                 return
-            upto, rows, last_end, stopped, batch_bytes = self._read_batch(result, remaining_s,
-                                                                          spent_bytes)
+            upto, rows, last_end, stopped, batch_bytes = self._read_batch(
+                result, remaining_s, spent_bytes
+            )
             spent_bytes += batch_bytes
             self.sink.flush()
             drained = rows < self.limits.max_changes and not stopped
@@ -243,8 +255,12 @@ class Capture:
             peek.execute(
                 "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
                 "%s, %s::pg_lsn, %s, 'proto_version', '1', 'publication_names', %s)",
-                (self.slot_name, events.format_lsn(upto), self.limits.max_changes,
-                 self.publication),
+                (
+                    self.slot_name,
+                    events.format_lsn(upto),
+                    self.limits.max_changes,
+                    self.publication,
+                ),
             )
             for change_lsn, data in peek:
                 rows += 1
@@ -281,8 +297,9 @@ class Capture:
                 f"{table} key {event['table_key']} at {event['commit_lsn']}: {exc}",
             )
             return 0
-        self.sink.add(str(event.get("listing_id") or event["table_key"]), line,
-                      str(event["event_id"]))
+        self.sink.add(
+            str(event.get("listing_id") or event["table_key"]), line, str(event["event_id"])
+        )
         result.events += 1
         return len(line)
 
@@ -355,8 +372,10 @@ class Capture:
                 raise CaptureError(f"replication slot {self.slot_name!r} does not exist")
             if row[0] is not None and events.parse_lsn(row[0]) >= lsn:
                 return
-            cursor.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                           (self.slot_name, events.format_lsn(lsn)))
+            cursor.execute(
+                "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                (self.slot_name, events.format_lsn(lsn)),
+            )
         logger.debug("slot %s confirmed up to %s", self.slot_name, events.format_lsn(lsn))
 
     def lag_bytes(self) -> int | None:

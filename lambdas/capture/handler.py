@@ -38,6 +38,15 @@ def _connection(settings: Settings) -> Any:
     return _conn
 
 
+def use_settings(settings: Settings) -> None:
+    """Replace the settings read from the environment (local runs and tests)."""
+    global _settings, _conn
+    if _conn is not None and not _conn.closed:
+        _conn.close()
+    _settings, _conn = settings, None
+    _clients.clear()
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     global _settings
     json_logging.request_id.set(getattr(context, "aws_request_id", None))
@@ -52,8 +61,9 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         sink,
         settings.slot_name,
         settings.publication_name,
-        CaptureLimits(settings.capture_max_changes, settings.capture_max_bytes,
-                      settings.capture_time_margin_s),
+        CaptureLimits(
+            settings.capture_max_changes, settings.capture_max_bytes, settings.capture_time_margin_s
+        ),
     )
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     try:

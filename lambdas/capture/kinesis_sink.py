@@ -119,8 +119,13 @@ class KinesisSink:
             page = self.kinesis.list_shards(**paginator_args)
             for shard in page["Shards"]:
                 hash_range = shard["HashKeyRange"]
-                shards.append(_Shard(shard["ShardId"], int(hash_range["StartingHashKey"]),
-                                     int(hash_range["EndingHashKey"])))
+                shards.append(
+                    _Shard(
+                        shard["ShardId"],
+                        int(hash_range["StartingHashKey"]),
+                        int(hash_range["EndingHashKey"]),
+                    )
+                )
             token = page.get("NextToken")
             if not token:
                 break
@@ -141,9 +146,13 @@ class KinesisSink:
         """Queue one user record; sends whole requests as they fill."""
         size = len(data) + len(partition_key.encode())
         if size > MAX_BYTES_PER_RECORD - AGGREGATE_HEADROOM:
-            self.dead_letter(partition_key, data, origin,
-                              f"record of {size} bytes exceeds the Kinesis limit of "
-                              f"{MAX_BYTES_PER_RECORD - AGGREGATE_HEADROOM} bytes")
+            self.dead_letter(
+                partition_key,
+                data,
+                origin,
+                f"record of {size} bytes exceeds the Kinesis limit of "
+                f"{MAX_BYTES_PER_RECORD - AGGREGATE_HEADROOM} bytes",
+            )
             return
 
         hashed = hash_key(partition_key)
@@ -210,8 +219,12 @@ class KinesisSink:
                     f"{attempt} attempts: {codes}"
                 )
             self.stats.retried_entries += len(failed)
-            logger.warning("PutRecords to %s: %d of %d entries failed; retrying those",
-                           self.stream_name, len(failed), len(entries))
+            logger.warning(
+                "PutRecords to %s: %d of %d entries failed; retrying those",
+                self.stream_name,
+                len(failed),
+                len(entries),
+            )
             entries = [entry for entry, _ in failed]
             self._back_off(attempt)
 
@@ -232,5 +245,6 @@ class KinesisSink:
             "record": data.decode("utf-8", errors="replace"),
         }
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(body).encode())
-        logger.warning("dead-lettered a record from %s to s3://%s/%s: %s",
-                       origin, self.bucket, key, reason)
+        logger.warning(
+            "dead-lettered a record from %s to s3://%s/%s: %s", origin, self.bucket, key, reason
+        )

@@ -1,0 +1,254 @@
+"""The main job: the whole pipeline on the marketplace's own export, on one machine.
+
+Starts the local stack, loads the export, replays its bids as live traffic
+while the capture and landing run, runs the popularity job and the nightly
+recommendations on local Spark, fetches one user's presigned document over
+HTTP, checks the counts agree end to end, prints a summary and writes it as
+JSON to ``.encore/summary.json`` (``ENCORE_STATE_DIR`` moves it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import urllib.request
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from cli import pipeline
+from cli.stack import local_stack, state_dir
+from encore import layout
+from encore.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPORT = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "encore" / ("user_interaction.csv")
+)
+
+
+class CheckFailed(RuntimeError):
+    """The pipeline ran but its counts disagree."""
+
+
+def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
+    root = state_dir()
+    started = time.monotonic()
+    anchor = datetime.now(UTC).replace(microsecond=0)
+    with local_stack(root) as stack:
+        settings = stack.settings.replace(presign_secret=secrets.token_hex(16))
+        say(
+            f"stack up: postgres {stack.postgres.port if stack.postgres else '(external)'}, "
+            f"AWS endpoint {settings.aws_endpoint_url}"
+        )
+
+        pipeline.prepare_database(settings)
+        load = pipeline.load_export(
+            settings, export_path, root / "rejects" / "user_interaction.rejects.csv", anchor
+        )
+        export = load.export
+        say(
+            f"loaded {export.rows_read} rows ({len(export.rejected)} rejected) from {export_path}:"
+            f" {len(load.listings)} listings, {len(load.bids)} bids to replay"
+        )
+
+        flow = pipeline.replay_live(settings, load, anchor, pause_s=0.01)
+        landed = pipeline.landed_event_counts(settings)
+        say(
+            f"replayed {flow.bids_inserted} bids, closed {flow.auctions_closed} auctions; "
+            f"captured {flow.changes_captured} changes in {flow.capture_runs} runs; "
+            f"landed {flow.landed} records"
+        )
+
+        spark_started = time.monotonic()
+        from local.spark import local_session
+
+        spark = local_session(settings, "encore-demo")
+        base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+        try:
+            from spark_streaming.popularity import run_popularity
+
+            popularity = run_popularity(spark, base_uri, settings, available_now=True)
+            say(
+                f"popularity: {popularity['total_bids']} bids counted, "
+                f"{popularity['feeds_written']} feeds written"
+            )
+
+            from batch.recommend import run_nightly
+
+            nightly = run_nightly(spark, base_uri, settings)
+            say(f"recommendations: run {nightly['run_id']} for {nightly['users']} users")
+        finally:
+            spark.stop()
+        spark_s = time.monotonic() - spark_started
+
+        url_check = _fetch_user_document(settings, nightly)
+
+    summary = _summary(load, flow, landed, popularity, nightly, url_check)
+    summary["seconds"] = {"total": round(time.monotonic() - started, 1), "spark": round(spark_s, 1)}
+    _check(summary)
+    path = root / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    summary["summary_file"] = str(path)
+    return summary
+
+
+def _fetch_user_document(settings: Settings, nightly: dict[str, Any]) -> dict[str, Any]:
+    from lambdas.presign.handler import presigned_url_for_user
+
+    user_id = next(iter(nightly["sample"]))
+    reply = presigned_url_for_user(settings, user_id, 900)
+    with urllib.request.urlopen(reply["url"], timeout=10) as response:
+        document = json.loads(response.read())
+    return {
+        "user_id": user_id,
+        "url": reply["url"],
+        "expires_in": reply["expires_in"],
+        "http_status": response.status,
+        "document_user_id": document.get("user_id"),
+        "items": len(document.get("items", [])),
+        "source": document.get("source"),
+    }
+
+
+def _summary(
+    load: pipeline.LoadResult,
+    flow: pipeline.FlowCounts,
+    landed: dict[str, int],
+    popularity: dict[str, Any],
+    nightly: dict[str, Any],
+    url_check: dict[str, Any],
+) -> dict[str, Any]:
+    export = load.export
+    return {
+        "export": {
+            "source": export.source,
+            "rows_read": export.rows_read,
+            "rows_loaded": export.rows_read - len(export.rejected),
+            "rows_rejected": len(export.rejected),
+            "rejects_file": str(load.rejects_path),
+            "interactions": len(export.interactions),
+            "listings": len(load.listings),
+            "bids_planned": len(load.bids),
+            "bid_amount_total": str(sum((bid.amount for bid in load.bids), Decimal(0))),
+        },
+        "database": {"bids_inserted": flow.bids_inserted, "auctions_closed": flow.auctions_closed},
+        "capture": {
+            "runs": flow.capture_runs,
+            "changes_captured": flow.changes_captured,
+            "events_sent": flow.events_captured,
+            "dead_lettered": flow.dead_lettered,
+            "slot_lag_bytes": flow.last_lag_bytes,
+        },
+        "landing": {
+            "records_landed": flow.landed,
+            "errors": flow.landing_errors,
+            "distinct_events": landed,
+            "bid_events": landed.get("bid.insert", 0),
+        },
+        "popularity": {
+            "total_bids": popularity["total_bids"],
+            "total_amount": popularity["total_amount"],
+            "duplicates_removed": popularity.get("duplicates_removed"),
+            "quarantined": popularity.get("quarantined"),
+            "top10": popularity["top"][:10],
+        },
+        "recommendations": {
+            key: nightly.get(key)
+            for key in (
+                "run_id",
+                "interactions_read",
+                "users",
+                "users_als",
+                "users_fallback",
+                "live_listings",
+                "metrics",
+                "sample",
+            )
+        },
+        "presigned_url": url_check,
+    }
+
+
+def _check(summary: dict[str, Any]) -> None:
+    bids = summary["database"]["bids_inserted"]
+    planned = summary["export"]["bids_planned"]
+    landed = summary["landing"]["bid_events"]
+    counted = summary["popularity"]["total_bids"]
+    read = summary["recommendations"]["interactions_read"]
+    problems = []
+    if not bids == planned == landed == counted == read:
+        problems.append(
+            f"bids planned {planned}, inserted {bids}, landed {landed}, "
+            f"counted by popularity {counted}, read by the nightly job {read}"
+        )
+    if summary["popularity"]["total_amount"] != summary["export"]["bid_amount_total"]:
+        problems.append(
+            f"bid amounts: export {summary['export']['bid_amount_total']}, "
+            f"popularity {summary['popularity']['total_amount']}"
+        )
+    url = summary["presigned_url"]
+    if url["http_status"] != 200 or url["document_user_id"] != url["user_id"]:
+        problems.append(f"presigned document check failed: {url}")
+    summary["checks"] = {"passed": not problems, "problems": problems}
+    if problems:
+        raise CheckFailed("; ".join(problems))
+
+
+def render(summary: dict[str, Any]) -> str:
+    export, capture, landing = summary["export"], summary["capture"], summary["landing"]
+    popularity, recs = summary["popularity"], summary["recommendations"]
+    lines = [
+        "",
+        "Encore pipeline: summary",
+        f"  export rows        {export['rows_read']} read, {export['rows_loaded']} loaded, "
+        f"{export['rows_rejected']} rejected ({export['rejects_file']})",
+        f"  bids               {summary['database']['bids_inserted']} inserted, "
+        f"{export['bid_amount_total']} in amounts",
+        f"  capture            {capture['changes_captured']} changes in {capture['runs']} runs, "
+        f"{capture['dead_lettered']} dead-lettered, slot lag {capture['slot_lag_bytes']} bytes",
+        f"  landing            {landing['bid_events']} bid events landed "
+        f"({landing['distinct_events']})",
+        f"  popularity         {popularity['total_bids']} bids, {popularity['total_amount']} "
+        f"counted",
+        f"  nightly job        {recs['interactions_read']} interactions read, {recs['users']} users "
+        f"({recs['users_als']} by ALS, {recs['users_fallback']} by popularity)",
+        "",
+        "  popularity top 10 (live listings)",
+    ]
+    for item in popularity["top10"]:
+        lines.append(
+            f"    {item['rank']:>2}. {item['title'][:60]:<60} {item['bids_7d']:>4} bids"
+            f"  score {item['trending_score']:.2f}"
+        )
+    lines.append("")
+    lines.append("  recommendations for three users")
+    for user_id, titles in list((recs.get("sample") or {}).items())[:3]:
+        lines.append(f"    {user_id}: " + "; ".join(str(title) for title in titles[:3]))
+    metrics = recs.get("metrics") or {}
+    if metrics:
+        lines.append("")
+        lines.append("  evaluation (held-out bids)")
+        for model, values in metrics.items():
+            if isinstance(values, dict):
+                shown = ", ".join(
+                    f"{name} {value:.3f}"
+                    for name, value in values.items()
+                    if isinstance(value, float)
+                )
+                lines.append(f"    {model:<12} {shown}")
+    url = summary["presigned_url"]
+    lines += [
+        "",
+        f"  presigned URL for {url['user_id']} (HTTP {url['http_status']}, {url['items']} items,"
+        f" source {url['source']}):",
+        f"    {url['url']}",
+        "",
+        f"  checks passed; {summary['seconds']['total']} s in all. Summary: "
+        f"{summary.get('summary_file')}",
+    ]
+    return "\n".join(lines)

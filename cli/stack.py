@@ -1,0 +1,101 @@
+"""The local stack: Postgres, the AWS endpoint and the provisioned resources, up and down.
+
+Everything lives under one state folder (``.encore/`` in the checkout unless
+``ENCORE_STATE_DIR`` says otherwise), binds 127.0.0.1 and is stopped by
+process id. When ``AWS_ENDPOINT_URL`` is set to an endpoint that already
+answers (LocalStack from ``docker-compose.localstack.yml``), that endpoint is
+used and no moto server is started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from encore.settings import Settings
+from infra.provision import provision
+from local.services import LocalPostgres, MotoServer, free_port, port_open
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT_PORT = 4566
+#: Local credentials: moto and LocalStack accept any; setting them keeps boto3
+#: from looking for real ones (or an instance metadata endpoint).
+LOCAL_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def state_dir() -> Path:
+    default = Path(__file__).resolve().parent.parent / ".encore"
+    return Path(os.environ.get("ENCORE_STATE_DIR", default)).resolve()
+
+
+@dataclass
+class LocalStack:
+    settings: Settings
+    postgres: LocalPostgres | None
+    endpoint: MotoServer | None
+
+    def stop(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def use_local_credentials() -> None:
+    for name, value in LOCAL_AWS_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+@contextmanager
+def local_stack(
+    root: Path | None = None, fresh: bool = True, endpoint_port: int | None = None
+) -> Iterator[LocalStack]:
+    """Start Postgres and an AWS endpoint, provision the resources, stop both at the end.
+
+    ``fresh`` starts from an empty database. The endpoint is moto's server on
+    ``endpoint_port`` (4566 by default) unless ``AWS_ENDPOINT_URL`` names one
+    that already answers.
+    """
+    root = root or state_dir()
+    use_local_credentials()
+    if fresh and (root / "postgres").exists():
+        shutil.rmtree(root / "postgres")
+
+    external = os.environ.get("AWS_ENDPOINT_URL")
+    moto: MotoServer | None = None
+    if external and port_open(urlsplit(external).port or 443, urlsplit(external).hostname or ""):
+        endpoint_url = external
+        logger.info("using the AWS endpoint at %s", endpoint_url)
+    else:
+        moto = MotoServer(root / "moto", endpoint_port or DEFAULT_ENDPOINT_PORT)
+        endpoint_url = moto.endpoint_url
+
+    postgres = None
+    dsn = os.environ.get("ENCORE_DATABASE_DSN")
+    if not dsn:
+        postgres = LocalPostgres(root / "postgres", free_port())
+        dsn = postgres.dsn
+
+    stack = LocalStack(
+        Settings.load(aws_endpoint_url=endpoint_url, database_dsn=dsn), postgres, moto
+    )
+    try:
+        if moto is not None:
+            moto.start()
+        if postgres is not None:
+            postgres.start()
+        provision(stack.settings)
+        yield stack
+    finally:
+        stack.stop()
