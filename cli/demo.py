@@ -215,8 +215,9 @@ def render(summary: dict[str, Any]) -> str:
         f"({landing['distinct_events']})",
         f"  popularity         {popularity['total_bids']} bids, {popularity['total_amount']} "
         f"counted",
-        f"  nightly job        {recs['interactions_read']} interactions read, {recs['users']} users "
-        f"({recs['users_als']} by ALS, {recs['users_fallback']} by popularity)",
+        f"  nightly job        {recs['interactions_read']} interactions read, "
+        f"{recs['users']} users ({recs['users_als']} by ALS, "
+        f"{recs['users_fallback']} by popularity)",
         "",
         "  popularity top 10 (live listings)",
     ]

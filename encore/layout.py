@@ -13,8 +13,8 @@ key                                                        written by
 ``feeds/popularity/category/<category-slug>.json``         streaming job, top N per category
 ``recommendations/current.json``                           nightly job, pointer to the live run
 ``recommendations/runs/<run_id>/users/<user_id>.json``     nightly job, one user's document
-``recommendations/runs/<run_id>/batch.jsonl``              nightly job, every user, Personalize shape
-``recommendations/runs/<run_id>/manifest.json``            nightly job, model version, counts, metrics
+``recommendations/runs/<run_id>/batch.jsonl``              nightly job, all users (Personalize)
+``recommendations/runs/<run_id>/manifest.json``            nightly job, model, counts, metrics
 =========================================================  =========================
 
 A user's document is found by reading the pointer first; last night's run

@@ -14,6 +14,7 @@ no Postgres binaries gets a message saying which package to install.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -78,10 +79,8 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
         if waited == pid:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _postgres_bindir() -> Path:

@@ -41,6 +41,8 @@ def _connection(settings: Settings) -> Any:
 def use_settings(settings: Settings) -> None:
     """Replace the settings read from the environment (local runs and tests)."""
     global _settings, _conn
+    if settings == _settings:
+        return
     if _conn is not None and not _conn.closed:
         _conn.close()
     _settings, _conn = settings, None
@@ -67,10 +69,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     )
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     try:
-        if remaining is None:
-            result = capture.run()
-        else:
-            result = capture.run(lambda: remaining() / 1000)
+        result = capture.run() if remaining is None else capture.run(lambda: remaining() / 1000)
     except psycopg2.Error:
         # A broken connection is not reused by the next invocation.
         if _conn is not None:

@@ -26,4 +26,7 @@ CREATE INDEX bids_listing_id ON bids (listing_id);
 
 -- An update that leaves the (possibly TOASTed) description unchanged must still
 -- carry it downstream: with FULL identity the old row travels with the update.
+-- Bids are FULL too, so a deleted bid still names its listing (the partition key)
+-- and its bidder. Both tables are insert-mostly, so the extra WAL is small.
 ALTER TABLE listings REPLICA IDENTITY FULL;
+ALTER TABLE bids REPLICA IDENTITY FULL;

@@ -12,6 +12,8 @@ Tests that need an isolated bucket use ``fresh_bucket``.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,13 +60,17 @@ def fresh_bucket(base_settings: Settings) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
-    server = LocalPostgres(Path(tmp_path_factory.mktemp("pg")), free_port())
+def postgres() -> Iterator[LocalPostgres]:
+    # pytest's own temporary folders are private to root; the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="encore-pg-"))
+    root.chmod(0o755)
+    server = LocalPostgres(root, free_port())
     server.start()
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
