@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the export CSV (default: ../shared/data/encore/user_interaction.csv)",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    settings = commands.add_parser("settings", help="print the settings table")
+    settings.add_argument("--write-readme", action="store_true",
+                          help="replace the table in README.md with the current one")
     return parser
 
 
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "settings":
+            return _settings(args)
     except (SettingsError, ConnectionError, FileNotFoundError, OSError) as exc:
         print(f"encore {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -68,6 +74,27 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"encore demo: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     print(json.dumps(summary, indent=2, default=str) if args.json else demo.render(summary))
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> int:
+    import re
+
+    from encore.settings import settings_table
+
+    table = settings_table()
+    if not args.write_readme:
+        print(table)
+        return EXIT_OK
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text, count = re.subn(
+        r"(<!-- settings-table:start -->\n).*?(\n<!-- settings-table:end -->)",
+        lambda match: match.group(1) + table + match.group(2),
+        readme.read_text(), flags=re.S,
+    )
+    if count != 1:
+        raise FileNotFoundError(f"{readme} has no settings table markers")
+    readme.write_text(text)
     return EXIT_OK
 
 

@@ -154,3 +154,44 @@ def redact_dsn(dsn: str) -> str:
         key, _, _ = word.partition("=")
         words.append(f"{key}=***" if key.strip().lower() == "password" else word)
     return " ".join(words)
+
+
+HELP: dict[str, str] = {
+    "aws_region": "AWS region of the bucket, stream and delivery stream",
+    "aws_endpoint_url": "AWS endpoint; unset on AWS, `http://127.0.0.1:4566` locally",
+    "bucket": "S3 bucket holding landing data, feeds and recommendations",
+    "stream_name": "Kinesis Data Stream the capture puts change events to",
+    "delivery_stream_name": "Firehose delivery stream landing the events in S3",
+    "database_dsn": "libpq DSN of the marketplace's Postgres (its password is never logged)",
+    "slot_name": "logical replication slot the capture reads",
+    "publication_name": "publication naming the captured tables",
+    "capture_max_changes": "most changes one slot read returns",
+    "capture_max_bytes": "most event bytes one capture run sends",
+    "capture_time_margin_s": "a capture run stops this long before its Lambda timeout",
+    "feed_top_n": "listings in each popularity feed",
+    "trending_half_life_s": "half-life of a bid's weight in the trending score",
+    "stream_trigger_s": "micro-batch interval of the continuous popularity job",
+    "watermark_s": "how late an event may arrive before it is counted as late",
+    "recs_per_user": "recommendations in each user's document",
+    "als_rank": "ALS latent factors",
+    "als_reg": "ALS regularisation",
+    "als_alpha": "ALS implicit-feedback confidence scale",
+    "als_iterations": "ALS iterations",
+    "als_seed": "ALS random seed (training is deterministic)",
+    "weight_bid_count": "confidence weight of a user's bid count on an item",
+    "weight_amount": "confidence weight of log(1 + amount bid) on an item",
+    "recency_half_life_days": "half-life of a bid's weight in the confidence",
+    "presign_secret": "secret the app signs user tokens with (HMAC-SHA256)",
+    "presign_max_expiry_s": "longest life of a presigned URL (SigV4 allows 7 days)",
+    "spark_master": "Spark master for local runs",
+    "spark_shuffle_partitions": "shuffle partitions for local runs (small keeps them fast)",
+}
+
+
+def settings_table() -> str:
+    """The settings as a markdown table, in field order: the README embeds it."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for item in fields(Settings):
+        default = "unset" if item.default is None else f"`{item.default}`"
+        rows.append(f"| `{ENV[item.name]}` | {default} | {HELP.get(item.name, '')} |")
+    return "\n".join(rows)

