@@ -30,3 +30,6 @@ test: lint
 
 clean:
 	rm -rf .encore
+
+bench: setup
+	$(BIN)/python -m bench.run

@@ -102,6 +102,7 @@ SPARK_TYPES: dict[str, str] = {
 TIME_COLUMNS = ("commit_time", "placed_at", "ends_at")
 DECIMAL_COLUMNS = ("amount", "price")
 
+_FAST_UTC = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?(?:\+00|Z)")
 _LSN = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
 
 
@@ -138,6 +139,11 @@ def normalize_time(text: str) -> str:
     Accepts 0 to 6 fractional digits and offsets written ``+01``, ``+0530`` or
     ``+05:30``; a time without an offset is taken as UTC.
     """
+    fast = _FAST_UTC.fullmatch(text)
+    if fast is not None:
+        # Postgres's own output in a UTC session: reformat without date arithmetic.
+        day, clock, fraction = fast.groups()
+        return f"{day}T{clock}.{(fraction or '').ljust(6, '0')}Z"
     match = re.fullmatch(
         r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?"
         r"(Z|[+-]\d{2}(?::?\d{2})?(?::?\d{2})?)?",

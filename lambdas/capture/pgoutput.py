@@ -124,24 +124,40 @@ class Decoder:
 
     @staticmethod
     def _tuple(relation: Relation, reader: _Reader) -> dict[str, object]:
-        count = reader.int16()
+        # The hot path of the capture: parse in place with offsets, no per-field calls.
+        data, offset = reader.data, reader.offset
+        (count,) = _INT16.unpack_from(data, offset)
+        offset += 2
         if count != len(relation.columns):
             raise DecodingError(
                 f"{relation.name}: tuple has {count} columns, relation has {len(relation.columns)}"
             )
         values: dict[str, object] = {}
         for column in relation.columns:
-            kind = reader.byte()
-            if kind == b"n":
+            kind = data[offset]
+            offset += 1
+            if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
+                (length,) = _INT32.unpack_from(data, offset)
+                offset += 4
+                end = offset + length
+                if end > len(data):
+                    raise IndexError("message ends early")
+                values[column.name] = bytes(data[offset:end]).decode()
+                offset = end
+            elif kind == 0x6E:  # 'n' null
                 values[column.name] = None
-            elif kind == b"u":
+            elif kind == 0x75:  # 'u' unchanged TOASTed value, not sent
                 values[column.name] = UNCHANGED
-            elif kind in (b"t", b"b"):
-                length = reader.int32()
-                values[column.name] = reader.take(length).decode()
             else:
-                raise DecodingError(f"{relation.name}.{column.name}: unknown value kind {kind!r}")
+                raise DecodingError(
+                    f"{relation.name}.{column.name}: unknown value kind {chr(kind)!r}"
+                )
+        reader.offset = offset
         return values
+
+
+_INT16 = struct.Struct("!h")
+_INT32 = struct.Struct("!i")
 
 
 class _Reader:

@@ -1,0 +1,115 @@
+"""Capture throughput: events per second from the slot to Kinesis, and peak memory.
+
+Inserts a backlog of bid changes into a fresh local Postgres, then drains it
+through the real capture (pgoutput decoding, contract encoding, aggregation,
+PutRecords to moto's server over HTTP) in a child process whose peak RSS is
+read at the end. The reference, in the same run, is a raw read of the same
+slot: ``pg_logical_slot_peek_binary_changes`` counted on the server, with no
+decoding or sending.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psycopg2
+
+from encore.settings import Settings
+
+
+def insert_backlog(settings: Settings, changes: int) -> None:
+    conn = psycopg2.connect(settings.require_dsn())
+    with conn, conn.cursor() as cursor:
+        cursor.execute("INSERT INTO users VALUES ('bench', 'bench') ON CONFLICT DO NOTHING")
+        cursor.execute("INSERT INTO categories VALUES (1, 'Toys') ON CONFLICT DO NOTHING")
+        cursor.execute("INSERT INTO sub_categories VALUES (1, 1, 'Funko') ON CONFLICT DO NOTHING")
+        cursor.execute(
+            "INSERT INTO listings (id, title, category_id, sub_category_id, price, ends_at)"
+            " VALUES (1, 'bench', 1, 1, 1, now() + interval '1 day') ON CONFLICT DO NOTHING"
+        )
+    step = 50_000
+    for start in range(0, changes, step):
+        with conn, conn.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO bids (listing_id, bidder_id, amount, placed_at)"
+                " SELECT 1 + (n %% 1), 'bench', 1 + n / 100.0, now() FROM generate_series(%s, %s) n",
+                (start, min(start + step, changes) - 1),
+            )
+    conn.close()
+
+
+def raw_slot_read(settings: Settings) -> tuple[int, float]:
+    """Rows and seconds to fetch every message of the slot to the client, nothing decoded."""
+    conn = psycopg2.connect(settings.require_dsn())
+    started = time.perf_counter()
+    rows = 0
+    with conn.cursor(name="raw_slot_read") as cursor:
+        cursor.itersize = 2_000
+        cursor.execute(
+            "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
+            " 'proto_version', '1', 'publication_names', %s)",
+            (settings.slot_name, settings.publication_name),
+        )
+        for _ in cursor:
+            rows += 1
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return rows, elapsed
+
+
+def drain_in_child(settings: Settings) -> dict[str, Any]:
+    """Run the capture until drained in a fresh interpreter; returns its counts and peak RSS."""
+    script = (
+        "import json, sys, time, resource\n"
+        "from encore.settings import Settings\n"
+        "from cli.pipeline import capture_once\n"
+        "settings = Settings.load(**json.loads(sys.argv[1]))\n"
+        "events = runs = 0\n"
+        "started = time.perf_counter()\n"
+        "while True:\n"
+        "    summary = capture_once(settings)\n"
+        "    runs += 1\n"
+        "    events += summary['events']\n"
+        "    if summary['status'] == 'drained' and summary['changes'] == 0: break\n"
+        "elapsed = time.perf_counter() - started\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({'events': events, 'runs': runs, 'seconds': elapsed, 'peak_rss_mb': rss}))\n"
+    )
+    overrides = {
+        "aws_endpoint_url": settings.aws_endpoint_url,
+        "database_dsn": settings.database_dsn,
+        "stream_name": settings.stream_name,
+        "bucket": settings.bucket,
+        "slot_name": settings.slot_name,
+    }
+    output = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(overrides)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def measure(settings: Settings, changes: int) -> dict[str, Any]:
+    insert_backlog(settings, changes)
+    raw_rows, raw_s = raw_slot_read(settings)
+    drained = drain_in_child(settings)
+    return {
+        "changes": changes,
+        "raw_rows": raw_rows,
+        "raw_s": raw_s,
+        "raw_events_per_s": raw_rows / raw_s,
+        "events": drained["events"],
+        "capture_s": drained["seconds"],
+        "events_per_s": drained["events"] / drained["seconds"],
+        "peak_rss_mb": drained["peak_rss_mb"],
+        "runs": drained["runs"],
+        "parent_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }

@@ -1,0 +1,159 @@
+"""``make bench``: measure each stage on the local stack, each beside its reference.
+
+Writes ``bench/results/latest.json`` (and a dated copy) shaped
+``{"machine", "versions", "seed", "figures": {NAME: {"value", "unit", "spread"}}}``
+and a markdown table, and prints the table. Every figure is the median of
+``--repeat`` runs; ``spread`` is max - min. Figures that a stage cannot give
+yet are absent, never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench import capture_bench, landing_bench
+from cli.pipeline import prepare_database
+from cli.stack import use_local_credentials
+from encore.settings import Settings
+from infra.provision import provision
+from local.services import LocalPostgres, MotoServer, free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _figure(values: list[float], unit: str) -> dict[str, Any]:
+    return {
+        "value": round(statistics.median(values), 3),
+        "unit": unit,
+        "spread": round(max(values) - min(values), 3),
+        "runs": len(values),
+    }
+
+
+def _repeat(times: int, run: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    return [run() for _ in range(times)]
+
+
+def _fresh(settings: Settings, postgres: LocalPostgres) -> Settings:
+    """A database, slot, stream and bucket of their own for one measurement."""
+    import psycopg2
+
+    suffix = uuid.uuid4().hex[:8]
+    admin = psycopg2.connect(postgres.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE bench_{suffix}")
+    admin.close()
+    fresh = settings.replace(
+        database_dsn=postgres.dsn.replace("dbname=encore", f"dbname=bench_{suffix}"),
+        slot_name=f"bench_{suffix}",
+        bucket=f"bench-{suffix}",
+        stream_name=f"bench-{suffix}",
+        delivery_stream_name=f"bench-{suffix}",
+    )
+    provision(fresh)
+    prepare_database(fresh)
+    return fresh
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--changes", type=int, default=100_000, help="changes per capture run")
+    parser.add_argument(
+        "--backlog", type=int, default=1_000_000, help="backlog drained once for peak memory"
+    )
+    parser.add_argument("--landing-events", type=int, default=50_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    use_local_credentials()
+    root = Path(tempfile.mkdtemp(prefix="encore-bench-"))
+    root.chmod(0o755)
+    postgres = LocalPostgres(root / "pg", free_port())
+    moto = MotoServer(root / "moto", free_port())
+    figures: dict[str, Any] = {}
+    try:
+        moto.start()
+        postgres.start()
+        base = Settings.load({}, aws_endpoint_url=moto.endpoint_url, database_dsn=postgres.dsn)
+
+        capture_runs = _repeat(
+            args.repeat, lambda: capture_bench.measure(_fresh(base, postgres), args.changes)
+        )
+        figures["capture.events_per_s"] = _figure(
+            [run["events_per_s"] for run in capture_runs], "events/s"
+        )
+        figures["capture.raw_slot_events_per_s"] = _figure(
+            [run["raw_events_per_s"] for run in capture_runs], "events/s"
+        )
+        backlog = capture_bench.measure(_fresh(base, postgres), args.backlog)
+        figures["capture.peak_rss_mb"] = _figure([backlog["peak_rss_mb"]], "MB")
+        figures["capture.backlog_events"] = _figure([backlog["events"]], "events")
+        figures["capture.backlog_invocations"] = _figure([backlog["runs"]], "invocations")
+
+        landing_runs = _repeat(
+            args.repeat, lambda: landing_bench.measure(_fresh(base, postgres), args.landing_events)
+        )
+        figures["landing.events_per_s"] = _figure(
+            [run["events_per_s"] for run in landing_runs], "events/s"
+        )
+        figures["landing.raw_put_events_per_s"] = _figure(
+            [run["raw_events_per_s"] for run in landing_runs], "events/s"
+        )
+    finally:
+        moto.stop()
+        postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "versions": {
+            name: version(name)
+            for name in ("pyspark", "boto3", "moto", "psycopg2-binary", "aws-kinesis-agg")
+        },
+        "seed": args.seed,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "figures": figures,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    (args.out / "latest.json").write_text(text)
+    (args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
+    table = markdown(report)
+    (args.out / "latest.md").write_text(table)
+    print(table)
+    return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = ["| figure | median | spread | unit | runs |", "| --- | ---: | ---: | --- | ---: |"]
+    for name, figure in report["figures"].items():
+        rows.append(
+            f"| {name} | {figure['value']:,} | {figure['spread']:,} | {figure['unit']} "
+            f"| {figure['runs']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
