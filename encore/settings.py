@@ -35,6 +35,7 @@ class Settings:
     stream_name: str = "encore-changes"
     delivery_stream_name: str = "encore-landing"
     database_dsn: str | None = None
+    database_secret_id: str | None = None
 
     # Change capture.
     slot_name: str = "encore_capture"
@@ -163,6 +164,7 @@ HELP: dict[str, str] = {
     "stream_name": "Kinesis Data Stream the capture puts change events to",
     "delivery_stream_name": "Firehose delivery stream landing the events in S3",
     "database_dsn": "libpq DSN of the marketplace's Postgres (its password is never logged)",
+    "database_secret_id": "Secrets Manager secret (RDS JSON shape) to build the DSN from, on AWS",
     "slot_name": "logical replication slot the capture reads",
     "publication_name": "publication naming the captured tables",
     "capture_max_changes": "most changes one slot read returns",

@@ -8,11 +8,13 @@ Locally the command line calls the same handler in-process on a loop.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 import boto3
 import psycopg2
+from psycopg2.extensions import make_dsn
 
 from encore.settings import Settings, redact_dsn
 from lambdas import json_logging
@@ -27,10 +29,27 @@ _clients: dict[str, Any] = {}
 _conn: Any = None
 
 
+def _dsn(settings: Settings) -> str:
+    """The DSN from settings, else built from the Secrets Manager secret RDS keeps."""
+    if settings.database_dsn or not settings.database_secret_id:
+        return settings.require_dsn()
+    if "secretsmanager" not in _clients:
+        _clients["secretsmanager"] = boto3.client("secretsmanager", **settings.boto3_kwargs())
+    secret = json.loads(
+        _clients["secretsmanager"].get_secret_value(SecretId=settings.database_secret_id)[
+            "SecretString"
+        ]
+    )
+    return make_dsn(
+        host=secret["host"], port=secret.get("port", 5432), dbname=secret.get("dbname", "encore"),
+        user=secret["username"], password=secret["password"], sslmode="require",
+    )
+
+
 def _connection(settings: Settings) -> Any:
     global _conn
     if _conn is None or _conn.closed:
-        dsn = settings.require_dsn()
+        dsn = _dsn(settings)
         try:
             _conn = psycopg2.connect(dsn, connect_timeout=10)
         except psycopg2.OperationalError as exc:
