@@ -1,8 +1,8 @@
 """``encore``: the command line of the Encore pipeline.
 
 Exit codes: 0 success; 1 the pipeline ran but a check failed; 2 an expected
-error (a service unreachable, a bad setting, a missing file), printed as one
-line saying what and what to do.
+error (a service unreachable, a bad setting, a missing file, no stack up),
+printed as one line saying what and what to do, with no traceback.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from encore.settings import SettingsError
 
@@ -22,7 +24,7 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_ERROR = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="encore", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
         "demo", help="run the whole pipeline locally on the marketplace's export"
@@ -35,9 +37,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    commands.add_parser("up", help="start Postgres and the AWS endpoint and leave them running")
+    commands.add_parser("down", help="stop what `encore up` started")
+    commands.add_parser("status", help="slot lag, events captured and landed, feed age, last night")
+    commands.add_parser("capture", help="run the capture Lambda once against the running stack")
+    commands.add_parser("land", help="run the local Firehose stand-in once")
+    commands.add_parser("stream", help="run the popularity job over everything landed, then stop")
+    commands.add_parser("batch", help="run the nightly recommendation job once")
+    url = commands.add_parser("url", help="print a presigned URL for a user's recommendations")
+    url.add_argument("user_id")
+    url.add_argument("--expires-in", type=int, default=900, help="seconds (capped at 7 days)")
+
     settings = commands.add_parser("settings", help="print the settings table")
-    settings.add_argument("--write-readme", action="store_true",
-                          help="replace the table in README.md with the current one")
+    settings.add_argument(
+        "--write-readme",
+        action="store_true",
+        help="replace the table in README.md with the current one",
+    )
     return parser
 
 
@@ -47,29 +63,24 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    from cli.operate import StackDown
+    from local.services import ServiceError
+
     try:
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "settings":
-            return _settings(args)
-    except (SettingsError, ConnectionError, FileNotFoundError, OSError) as exc:
+        return COMMANDS[args.command](args)
+    except (SettingsError, ConnectionError, FileNotFoundError, ServiceError, StackDown) as exc:
         print(f"encore {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_ERROR
 
 
 def _demo(args: argparse.Namespace) -> int:
     from cli import demo
-    from local.services import ServiceError
 
     export = args.export or Path(os.environ.get("ENCORE_EXPORT", demo.DEFAULT_EXPORT))
     if not export.exists():
         raise FileNotFoundError(f"no export at {export}: pass --export PATH")
     try:
         summary = demo.run_demo(export, say=lambda line: print(line, flush=True))
-    except ServiceError as exc:
-        print(f"encore demo: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except demo.CheckFailed as exc:
         print(f"encore demo: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED
@@ -77,9 +88,73 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _settings(args: argparse.Namespace) -> int:
-    import re
+def _up(args: argparse.Namespace) -> int:
+    from cli import pipeline
+    from cli.stack import running_stack, start_stack
 
+    if running_stack() is not None:
+        print("a local stack is already up (`encore down` stops it)")
+        return EXIT_OK
+    stack = start_stack(fresh=False)
+    pipeline.prepare_database(stack.settings)
+    _print(
+        {
+            "aws_endpoint_url": stack.settings.aws_endpoint_url,
+            "database_dsn": stack.settings.database_dsn,
+        }
+    )
+    return EXIT_OK
+
+
+def _down(args: argparse.Namespace) -> int:
+    from cli.stack import running_stack
+
+    stack = running_stack()
+    if stack is None:
+        print("no local stack is up")
+        return EXIT_OK
+    stack.stop()
+    print("stopped")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cli import operate
+
+    _print(operate.status(operate.current().settings))
+    return EXIT_OK
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from cli import operate, pipeline
+
+    _print(pipeline.capture_once(operate.current().settings))
+    return EXIT_OK
+
+
+def _land(args: argparse.Namespace) -> int:
+    from cli import operate, pipeline
+
+    _print(pipeline.land_once(operate.current().settings).__dict__)
+    return EXIT_OK
+
+
+def _spark_job(args: argparse.Namespace) -> int:
+    from cli import operate
+
+    _print(operate.run_spark_job(operate.current().settings, args.command))
+    return EXIT_OK
+
+
+def _url(args: argparse.Namespace) -> int:
+    from cli import operate
+    from lambdas.presign.handler import presigned_url_for_user
+
+    _print(presigned_url_for_user(operate.current().settings, args.user_id, args.expires_in))
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> int:
     from encore.settings import settings_table
 
     table = settings_table()
@@ -90,12 +165,31 @@ def _settings(args: argparse.Namespace) -> int:
     text, count = re.subn(
         r"(<!-- settings-table:start -->\n).*?(\n<!-- settings-table:end -->)",
         lambda match: match.group(1) + table + match.group(2),
-        readme.read_text(), flags=re.S,
+        readme.read_text(),
+        flags=re.S,
     )
     if count != 1:
         raise FileNotFoundError(f"{readme} has no settings table markers")
     readme.write_text(text)
     return EXIT_OK
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+COMMANDS = {
+    "demo": _demo,
+    "up": _up,
+    "down": _down,
+    "status": _status,
+    "capture": _capture,
+    "land": _land,
+    "stream": _spark_job,
+    "batch": _spark_job,
+    "url": _url,
+    "settings": _settings,
+}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ used and no moto server is started.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -44,12 +45,15 @@ class LocalStack:
     settings: Settings
     postgres: LocalPostgres | None
     endpoint: MotoServer | None
+    state_file: Path | None = None
 
     def stop(self) -> None:
         if self.endpoint is not None:
             self.endpoint.stop()
         if self.postgres is not None:
             self.postgres.stop()
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
 
 
 def use_local_credentials() -> None:
@@ -57,15 +61,18 @@ def use_local_credentials() -> None:
         os.environ.setdefault(name, value)
 
 
-@contextmanager
-def local_stack(
+STACK_FILE = "stack.json"
+
+
+def start_stack(
     root: Path | None = None, fresh: bool = True, endpoint_port: int | None = None
-) -> Iterator[LocalStack]:
-    """Start Postgres and an AWS endpoint, provision the resources, stop both at the end.
+) -> LocalStack:
+    """Start Postgres and an AWS endpoint, provision the resources, record them in stack.json.
 
     ``fresh`` starts from an empty database. The endpoint is moto's server on
     ``endpoint_port`` (4566 by default) unless ``AWS_ENDPOINT_URL`` names one
-    that already answers.
+    that already answers. The services keep running until :meth:`LocalStack.stop`
+    (or ``encore down``) stops them by process id.
     """
     root = root or state_dir()
     use_local_credentials()
@@ -96,6 +103,53 @@ def local_stack(
         if postgres is not None:
             postgres.start()
         provision(stack.settings)
+    except BaseException:
+        stack.stop()
+        raise
+    (root / STACK_FILE).write_text(
+        json.dumps(
+            {
+                "aws_endpoint_url": endpoint_url,
+                "database_dsn": dsn,
+                "postgres": {"root": str(postgres.root), "port": postgres.port}
+                if postgres
+                else None,
+                "moto": {"root": str(moto.root), "port": moto.port} if moto else None,
+            },
+            indent=2,
+        )
+    )
+    stack.state_file = root / STACK_FILE
+    return stack
+
+
+def running_stack(root: Path | None = None) -> LocalStack | None:
+    """The stack ``encore up`` started, from its stack.json; None when nothing is up."""
+    root = root or state_dir()
+    path = root / STACK_FILE
+    if not path.exists():
+        return None
+    use_local_credentials()
+    recorded = json.loads(path.read_text())
+    postgres = recorded.get("postgres")
+    moto = recorded.get("moto")
+    return LocalStack(
+        Settings.load(
+            aws_endpoint_url=recorded["aws_endpoint_url"], database_dsn=recorded["database_dsn"]
+        ),
+        LocalPostgres(Path(postgres["root"]), postgres["port"]) if postgres else None,
+        MotoServer(Path(moto["root"]), moto["port"]) if moto else None,
+        state_file=path,
+    )
+
+
+@contextmanager
+def local_stack(
+    root: Path | None = None, fresh: bool = True, endpoint_port: int | None = None
+) -> Iterator[LocalStack]:
+    """:func:`start_stack` for the length of a ``with`` block."""
+    stack = start_stack(root, fresh, endpoint_port)
+    try:
         yield stack
     finally:
         stack.stop()
