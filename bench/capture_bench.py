@@ -37,7 +37,7 @@ def insert_backlog(settings: Settings, changes: int) -> None:
         with conn, conn.cursor() as cursor:
             cursor.execute(
                 "INSERT INTO bids (listing_id, bidder_id, amount, placed_at)"
-                " SELECT 1 + (n %% 1), 'bench', 1 + n / 100.0, now() FROM generate_series(%s, %s) n",
+                " SELECT 1, 'bench', 1 + n / 100.0, now() FROM generate_series(%s, %s) n",
                 (start, min(start + step, changes) - 1),
             )
     conn.close()
@@ -78,7 +78,8 @@ def drain_in_child(settings: Settings) -> dict[str, Any]:
         "    if summary['status'] == 'drained' and summary['changes'] == 0: break\n"
         "elapsed = time.perf_counter() - started\n"
         "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print(json.dumps({'events': events, 'runs': runs, 'seconds': elapsed, 'peak_rss_mb': rss}))\n"
+        "print(json.dumps({'events': events, 'runs': runs, 'seconds': elapsed,\n"
+        "                  'peak_rss_mb': rss}))\n"
     )
     overrides = {
         "aws_endpoint_url": settings.aws_endpoint_url,

@@ -16,8 +16,10 @@ logger = logging.getLogger(__name__)
 def migrations() -> list[tuple[str, str]]:
     """(version, sql) pairs in the order they apply."""
     folder = resources.files("producers") / "migrations"
-    files = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".sql")),
-                   key=lambda entry: entry.name)
+    files = sorted(
+        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")),
+        key=lambda entry: entry.name,
+    )
     return [(entry.name.removesuffix(".sql"), entry.read_text()) for entry in files]
 
 

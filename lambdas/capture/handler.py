@@ -41,8 +41,12 @@ def _dsn(settings: Settings) -> str:
         ]
     )
     return make_dsn(
-        host=secret["host"], port=secret.get("port", 5432), dbname=secret.get("dbname", "encore"),
-        user=secret["username"], password=secret["password"], sslmode="require",
+        host=secret["host"],
+        port=secret.get("port", 5432),
+        dbname=secret.get("dbname", "encore"),
+        user=secret["username"],
+        password=secret["password"],
+        sslmode="require",
     )
 
 

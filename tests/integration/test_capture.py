@@ -71,8 +71,9 @@ def insert_listing(
     execute(
         settings,
         (
-            "INSERT INTO listings (id, seller_id, title, category_id, sub_category_id, price, ends_at,"
-            " description) VALUES (%s, 'seller', %s, 1, 1, 1, now() + interval '1 day', %s)",
+            "INSERT INTO listings (id, seller_id, title, category_id, sub_category_id, price,"
+            " ends_at, description)"
+            " VALUES (%s, 'seller', %s, 1, 1, 1, now() + interval '1 day', %s)",
             (listing_id, title, description),
         ),
     )
@@ -216,7 +217,7 @@ def test_a_captured_table_without_a_primary_key_is_refused_by_name(
     )
     conn = psycopg2.connect(settings.require_dsn())
 
-    with pytest.raises(CaptureError, match="'bids_archive' has no primary key.*ADD PRIMARY KEY"):
+    with pytest.raises(CaptureError, match=r"'bids_archive' has no primary key.*ADD PRIMARY KEY"):
         prepare(conn, "slot_broken_" + uuid.uuid4().hex[:6], "broken")
     conn.close()
 
@@ -225,7 +226,7 @@ def test_replica_identity_nothing_is_refused_with_the_fix(capture_settings: Sett
     settings = capture_settings
     execute(settings, "ALTER TABLE bids REPLICA IDENTITY NOTHING")
 
-    with pytest.raises(CaptureError, match="'bids' has REPLICA IDENTITY NOTHING.*DEFAULT"):
+    with pytest.raises(CaptureError, match=r"'bids' has REPLICA IDENTITY NOTHING.*DEFAULT"):
         pipeline.capture_once(settings)
 
 

@@ -10,7 +10,9 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_readme_settings_table_matches_the_settings_code() -> None:
     embedded = re.search(
-        r"<!-- settings-table:start -->\n(.*?)\n<!-- settings-table:end -->", README.read_text(), re.S
+        r"<!-- settings-table:start -->\n(.*?)\n<!-- settings-table:end -->",
+        README.read_text(),
+        re.S,
     )
 
     assert embedded is not None, "README lost its settings table markers"
