@@ -65,7 +65,8 @@ def test_loader_rejects_a_bad_row_with_its_reason_and_keeps_the_rest(
 
 def test_loader_merges_rows_that_are_equal_after_trimming() -> None:
     export = parse(
-        '"u1","a","Toys","Funko","Print ","1","1","5"\n"u1","a","Toys","Funko","Print","1","2","7"\n'
+        '"u1","a","Toys","Funko","Print ","1","1","5"\n'
+        '"u1","a","Toys","Funko","Print","1","2","7"\n'
     )
 
     (row,) = export.interactions

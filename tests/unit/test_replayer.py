@@ -31,7 +31,7 @@ def test_replay_plan_keeps_each_users_totals_and_rising_amounts_per_listing(shar
     bids = plan_bids(export.interactions, listings, windows, ANCHOR, seed=7)
 
     assert len(bids) == export.bid_count
-    ids = {(l.category, l.sub_category, l.title, l.price): l.id for l in listings}
+    ids = {(item.category, item.sub_category, item.title, item.price): item.id for item in listings}
     expected = {(ids[row.listing_key], row.user_id): row.bid_total for row in export.interactions}
     totals: dict[tuple[int, str], Decimal] = defaultdict(Decimal)
     per_listing = defaultdict(list)
