@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import pipeline
+from cli.progress import Progress
 from cli.stack import local_stack, state_dir
 from encore import layout
 from encore.settings import Settings
@@ -56,7 +57,9 @@ def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
             f" {len(load.listings)} listings, {len(load.bids)} bids to replay"
         )
 
-        flow = pipeline.replay_live(settings, load, anchor, pause_s=0.01)
+        bar = Progress("replay", len(load.bids), "bids")
+        flow = pipeline.replay_live(settings, load, anchor, pause_s=0.01, on_progress=bar.advance)
+        bar.finish()
         landed = pipeline.landed_event_counts(settings)
         say(
             f"replayed {flow.bids_inserted} bids, closed {flow.auctions_closed} auctions; "
