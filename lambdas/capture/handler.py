@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from typing import Any
 
 import boto3
@@ -100,4 +102,29 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         raise
     summary = result.summary()
     logger.info("capture finished: %s", summary)
+    if result.lag_bytes is not None and os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        print(slot_lag_metric(settings.slot_name, result.lag_bytes), flush=True)
     return summary
+
+
+def slot_lag_metric(slot_name: str, lag_bytes: int) -> str:
+    """One CloudWatch Embedded Metric Format line: Lambda's log turns it into a metric.
+
+    The template's slot-lag alarm watches ``Encore/SlotLagBytes`` by ``SlotName``.
+    """
+    return json.dumps(
+        {
+            "_aws": {
+                "Timestamp": int(time.time() * 1000),
+                "CloudWatchMetrics": [
+                    {
+                        "Namespace": "Encore",
+                        "Dimensions": [["SlotName"]],
+                        "Metrics": [{"Name": "SlotLagBytes", "Unit": "Bytes"}],
+                    }
+                ],
+            },
+            "SlotName": slot_name,
+            "SlotLagBytes": lag_bytes,
+        }
+    )

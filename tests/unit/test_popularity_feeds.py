@@ -1,0 +1,176 @@
+"""The popularity job's rules that need no Spark: change order, decay, feed documents."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from pyspark.sql.types import DecimalType, StringType, TimestampType
+
+from encore import events
+from spark_streaming import feeds, landing
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later"),
+    [
+        ("0/9", "0/10"),  # string order would put 0/9 last
+        ("0/A", "0/10"),
+        ("0/FFFFFFFF", "1/0"),  # the low half wraps into the high half
+        ("9/0", "A/0"),
+        ("0/16B3748", "0/16B3749"),
+    ],
+)
+def test_lsn_sort_key_orders_by_wal_position(earlier: str, later: str) -> None:
+    assert feeds.lsn_sort_key(earlier) < feeds.lsn_sort_key(later)
+
+
+def test_lsn_sort_key_agrees_with_the_contract_parser() -> None:
+    values = [0, 9, 16, 0xFFFFFFFF, 1 << 32, (5 << 32) | 0x16B3748]
+    lsns = [events.format_lsn(value) for value in values]
+
+    assert sorted(lsns, key=feeds.lsn_sort_key) == lsns
+    assert [feeds.lsn_sort_key(lsn) for lsn in lsns] == [
+        divmod(events.parse_lsn(lsn), 1 << 32) for lsn in lsns
+    ]
+
+
+@pytest.mark.parametrize("text", ["16B3748", "", "0/G"])
+def test_lsn_sort_key_rejects_what_is_not_an_lsn(text: str) -> None:
+    with pytest.raises(ValueError):
+        feeds.lsn_sort_key(text)
+
+
+def change(event_id: str, op: str, lsn: str, at: str = "2026-12-04T15:00:00.000000Z") -> dict:
+    return {"event_id": event_id, "op": op, "commit_lsn": lsn, "commit_time": at}
+
+
+@pytest.mark.parametrize(
+    ("changes", "latest"),
+    [
+        ([change("a", "insert", "0/9"), change("b", "update", "0/10")], "b"),
+        ([change("a", "update", "1/0"), change("b", "update", "0/FFFFFFFF", "2027")], "a"),
+        (
+            [
+                change("a", "update", "0/20", "2026-12-04T15:00:01.000000Z"),
+                change("b", "update", "0/20", "2026-12-04T15:00:00.000000Z"),
+            ],
+            "a",
+        ),
+        ([change("a", "delete", "0/30"), change("b", "update", "0/30")], "a"),
+        ([change("a", "update", "0/30"), change("b", "update", "0/30")], "b"),
+    ],
+    ids=["lsn-numeric", "lsn-before-time", "time-breaks-lsn-tie", "delete-last", "event-id"],
+)
+def test_latest_change_follows_lsn_then_time_then_operation(
+    changes: list[dict[str, str]], latest: str
+) -> None:
+    assert feeds.latest_change(changes)["event_id"] == latest
+
+
+@pytest.mark.parametrize(
+    ("age_s", "weight"),
+    [(0.0, 1.0), (3600.0, 0.5), (7200.0, 0.25), (1800.0, 0.5**0.5), (-60.0, 1.0)],
+)
+def test_decay_weight_halves_every_half_life(age_s: float, weight: float) -> None:
+    assert feeds.decay_weight(age_s, 3600.0) == pytest.approx(weight, rel=1e-15)
+
+
+def test_time_conversions_round_trip_in_utc() -> None:
+    moment = datetime(2026, 12, 4, 15, 52, 59, 123456, tzinfo=UTC)
+    shifted = moment.astimezone(timezone(timedelta(hours=5, minutes=30)))
+
+    assert feeds.to_micros(shifted) == feeds.to_micros(moment) == 1_796_399_579_123_456
+    assert feeds.to_micros(moment.replace(tzinfo=None)) == feeds.to_micros(moment)
+    assert feeds.iso_time(feeds.to_micros(moment)) == "2026-12-04T15:52:59.123456Z"
+    assert feeds.iso_time(None) is None
+
+
+def test_totals_add_up_and_keep_amounts_as_decimal_strings() -> None:
+    total = feeds.Totals(2, Decimal("10.50"), 1) + feeds.Totals(3, Decimal("0.25"), 2)
+
+    assert total == feeds.Totals(5, Decimal("10.75"), 3)
+    assert total.as_json() == {"bids": 5, "amount": "10.75", "listings": 3}
+    assert feeds.Totals().as_json() == {"bids": 0, "amount": "0.00", "listings": 0}
+
+
+def test_feed_document_has_the_published_shape() -> None:
+    row = {
+        "listing_id": "8215610555",
+        "title": 'Signed "Pop", 12" vinyl',
+        "category": "Music",
+        "sub_category": None,
+        "bids_1h": 1,
+        "bids_24h": 2,
+        "bids_7d": 3,
+        "bidders_7d": 2,
+        "amount_7d": Decimal("1234567890123456.75"),
+        "trending_score": Decimal("1.5000000000000000000000000001"),
+    }
+    feed = feeds.Feed("Music", feeds.Totals(3, Decimal("30.00"), 1), [feeds.feed_item(1, row)])
+
+    document = feeds.feed_document(
+        feed,
+        computed_at=datetime(2026, 12, 4, 16, 0, tzinfo=UTC),
+        complete_up_to_us=feeds.to_micros(datetime(2026, 12, 4, 15, 59, tzinfo=UTC)),
+    )
+
+    assert document == {
+        "schema_version": 1,
+        "feed": "category",
+        "category": "Music",
+        "computed_at": "2026-12-04T16:00:00.000000Z",
+        "complete_up_to": "2026-12-04T15:59:00.000000Z",
+        "totals": {"bids": 3, "amount": "30.00", "listings": 1},
+        "items": [
+            {
+                "rank": 1,
+                "listing_id": "8215610555",
+                "title": 'Signed "Pop", 12" vinyl',
+                "category": "Music",
+                "sub_category": None,
+                "bids_1h": 1,
+                "bids_24h": 2,
+                "bids_7d": 3,
+                "bidders_7d": 2,
+                "amount_7d": "1234567890123456.75",
+                "trending_score": 1.5,
+            }
+        ],
+    }
+
+
+def test_empty_global_feed_document() -> None:
+    document = feeds.feed_document(
+        feeds.Feed(None), computed_at=datetime(2026, 12, 4, tzinfo=UTC), complete_up_to_us=None
+    )
+
+    assert document["feed"] == "global"
+    assert document["category"] is None
+    assert document["complete_up_to"] is None
+    assert document["items"] == []
+
+
+def test_snapshot_counts_duplicates_as_stored_rows_beyond_distinct_events() -> None:
+    assert feeds.Snapshot(stored_rows=7, distinct_events=5).duplicates_removed == 2
+
+
+@pytest.mark.parametrize(
+    ("column", "spark_type"),
+    [
+        ("event_id", StringType()),
+        ("amount", DecimalType(18, 2)),
+        ("price", DecimalType(18, 2)),
+        ("placed_at", TimestampType()),
+    ],
+)
+def test_contract_type_follows_the_event_contract(column: str, spark_type: object) -> None:
+    assert landing.contract_type(column) == spark_type
+
+
+def test_raw_schema_reads_the_contract_columns_in_order_then_the_corrupt_record() -> None:
+    names = [field.name for field in landing.RAW_SCHEMA.fields]
+
+    assert names == [*events.COLUMNS, landing.CORRUPT_COLUMN]
+    assert {type(field.dataType) for field in landing.RAW_SCHEMA.fields} == {StringType}
