@@ -29,7 +29,8 @@ table_key           the row's primary key, as a string
 listing_id          string (ids are strings, so 64-bit ids survive any reader)
 bid_id              string; bid events only
 bidder_id           string; bid events only
-amount              decimal string exactly as stored (``12.50``); bids only
+amount              decimal string exactly as stored (``12.50``), at most 16
+                    integer and 2 fractional digits; bids only
 placed_at           when the bid was placed, ISO-8601 UTC; bids only
 seller_id           string; listing events only
 title               listing title (trailing spaces trimmed at load)
@@ -103,6 +104,7 @@ TIME_COLUMNS = ("commit_time", "placed_at", "ends_at")
 DECIMAL_COLUMNS = ("amount", "price")
 
 _FAST_UTC = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?(?:\+00|Z)")
+_DECIMAL = re.compile(r"-?\d{1,16}(?:\.\d{1,2})?")
 _LSN = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
 
 
@@ -168,13 +170,19 @@ def _offset(text: str | None) -> timezone:
 
 
 def normalize_decimal(text: str, column: str = "amount") -> str:
-    """Check that ``text`` is a finite decimal and return it unchanged."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation as exc:
-        raise EventError(f"{column}={text!r} is not a decimal") from exc
-    if not value.is_finite():
-        raise EventError(f"{column}={text!r} is not finite")
+    """Check that ``text`` is a plain decimal that fits ``DECIMAL(18,2)`` and return it.
+
+    Amounts are money: at most 16 digits before the point and 2 after, no
+    exponent, so every reader holds the value exactly.
+    """
+    if not _DECIMAL.fullmatch(text):
+        try:
+            value = Decimal(text)
+        except InvalidOperation as exc:
+            raise EventError(f"{column}={text!r} is not a decimal") from exc
+        if not value.is_finite():
+            raise EventError(f"{column}={text!r} is not finite")
+        raise EventError(f"{column}={text!r} does not fit DECIMAL(18,2)")
     return text
 
 

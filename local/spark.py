@@ -100,6 +100,9 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
         "spark.driver.host": "127.0.0.1",
         "spark.driver.bindAddress": "127.0.0.1",
         "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        # Adaptive execution re-plans tiny local jobs into more Spark jobs, not fewer.
+        "spark.sql.adaptive.enabled": "false",
         "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
         "spark.sql.session.timeZone": "UTC",
         "spark.driver.memory": "2g",

@@ -38,11 +38,11 @@ def test_encode_quotes_commas_quotes_and_newlines_and_decode_returns_them() -> N
     assert next(iter(csv.reader(io.StringIO(line.decode()))))[13] == title
 
 
-def test_encode_keeps_a_19_digit_id_and_many_decimal_places_as_strings() -> None:
-    (decoded,) = events.decode(events.encode(bid_event(amount="0.000000012345678901")).decode())
+def test_encode_keeps_a_19_digit_id_and_the_largest_amount_as_strings() -> None:
+    (decoded,) = events.decode(events.encode(bid_event(amount="9999999999999999.99")).decode())
 
     assert decoded["listing_id"] == "1234567890123456789"
-    assert decoded["amount"] == "0.000000012345678901"
+    assert decoded["amount"] == "9999999999999999.99"
 
 
 @pytest.mark.parametrize(
@@ -66,6 +66,8 @@ def test_normalize_time_gives_utc_with_microseconds(raw: str, expected: str) -> 
     [
         ({"amount": "NaN"}, "amount='NaN' is not finite"),
         ({"amount": "12,5"}, "amount='12,5' is not a decimal"),
+        ({"amount": "0.000000012345678901"}, "does not fit DECIMAL"),
+        ({"amount": "1e3"}, "does not fit DECIMAL"),
         ({"op": "upsert"}, "op='upsert'"),
         ({"commit_lsn": "16B3748"}, "is not an LSN"),
         ({"placed_at": "yesterday"}, "not a timestamp"),

@@ -1,0 +1,349 @@
+"""Popularity feeds: a Structured Streaming job from landed change events to JSON feeds.
+
+Run on EMR with ``spark-submit --py-files pyfiles.zip spark_streaming/popularity.py
+--bucket B`` (the archive, built by ``infra.package``, holds the ``encore`` and
+``spark_streaming`` packages);
+locally the command line calls :func:`run_popularity` with a session from
+``local.spark``.
+
+Each micro-batch of landed rows goes through one ``foreachBatch`` step:
+
+1. Check every row against the contract (:mod:`spark_streaming.landing`); rejects go
+   to ``quarantine/popularity/batch_id=<n>/`` with their source file and reason.
+2. Mark late bids against the bids of earlier batches, and store the valid events
+   under ``state/popularity/events/batch_id=<n>/``, overwriting that folder, so a
+   batch that is run again after a crash stores the same rows once.
+3. Recompute every feed from all stored events (:mod:`spark_streaming.feeds`),
+   counting each event id once, and publish each feed as one JSON document.
+
+Spark's checkpoint (``checkpoints/popularity/``) records which landed files each
+batch read, so after a restart the stream continues with the files it has not
+read, and a batch cut short is run again with the same files and the same id.
+
+Limitations: every batch rereads all stored events, so a batch's cost grows with
+the history; the state is never compacted or trimmed (the all-time totals need
+every bid, but a running aggregate of bids older than a week would do). A category
+that no longer has any listing keeps its last published feed. Deleting the
+checkpoint without deleting the state makes batch ids start again at 0, and the
+new batches overwrite the old batches' stored events: delete both or neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pyspark.errors import StreamingQueryException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import BooleanType, LongType, StringType, StructField, StructType
+
+from encore import events, layout
+from encore.settings import Settings, SettingsError
+from spark_streaming import feeds, landing
+
+logger = logging.getLogger(__name__)
+
+#: Contract columns kept in the state; the free-text description is not needed for feeds.
+STATE_COLUMNS: tuple[str, ...] = tuple(name for name in events.COLUMNS if name != "description")
+STATE_SCHEMA = StructType(
+    [StructField(name, landing.contract_type(name)) for name in STATE_COLUMNS]
+    + [
+        StructField(landing.SOURCE_COLUMN, StringType()),
+        StructField("late", BooleanType()),
+        StructField("batch_id", LongType()),
+    ]
+)
+
+
+class PopularityError(RuntimeError):
+    """The popularity stream stopped with an error."""
+
+
+@dataclass
+class RunCounters:
+    """What one call of :func:`run_popularity` did, batch by batch."""
+
+    batches: int = 0
+    events_read: int = 0
+    quarantined: int = 0
+    feeds_written: int = 0
+    snapshot: feeds.Snapshot | None = None
+
+
+def run_popularity(
+    spark: SparkSession,
+    base_uri: str,
+    settings: Settings,
+    *,
+    available_now: bool = True,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Bring the popularity feeds up to date with everything landed under ``base_uri``.
+
+    Parameters
+    ----------
+    spark
+        The session; its Hadoop configuration must reach ``base_uri``.
+    base_uri
+        The bucket as a URI: ``s3a://bucket`` locally, ``s3://bucket`` on EMR.
+    settings
+        ``feed_top_n``, ``trending_half_life_s``, ``watermark_s`` and
+        ``stream_trigger_s`` are read.
+    available_now
+        True: process every landed file not yet processed, then return. False: keep
+        running, one micro-batch every ``stream_trigger_s``, until the query is stopped.
+    now
+        The reference time of the windows and the trending decay; by default the
+        newest ``placed_at`` seen. A naive datetime is taken as UTC.
+
+    Returns
+    -------
+    dict
+        ``batches``, ``events_read`` (valid rows, duplicates included),
+        ``quarantined`` and ``feeds_written`` count what this call did.
+        ``distinct_events``, ``bid_events``, ``duplicates_removed``, ``late_events``,
+        ``total_bids``, ``total_amount``, ``listings``, ``reference_time``,
+        ``complete_up_to`` and ``top`` (the global feed's items) describe all stored
+        events, so a rerun with nothing new returns the same values.
+    """
+    base_uri = base_uri.rstrip("/")
+    now_us = None if now is None else feeds.to_micros(now)
+    counters = RunCounters()
+
+    if _exists(spark, f"{base_uri}/{layout.LANDING_PREFIX}"):
+        _run_stream(spark, base_uri, settings, available_now, now_us, counters)
+    else:
+        logger.info("nothing landed under %s%s yet", base_uri, layout.LANDING_PREFIX)
+
+    snapshot = counters.snapshot
+    if snapshot is None:
+        # No batch ran: nothing changed, so the published feeds stand; report on them.
+        state = _read_state(spark, base_uri)
+        snapshot = feeds.Snapshot(reference_us=now_us)
+        if state is not None:
+            snapshot = feeds.compute_snapshot(state, settings, now_us=now_us, batch_id=None)
+    summary = _summary(counters, snapshot)
+    logger.info(
+        "popularity: %d batches, %d events read, %d quarantined, %d late, %d bids totalling %s, "
+        "%d feeds written",
+        summary["batches"],
+        summary["events_read"],
+        summary["quarantined"],
+        summary["late_events"],
+        summary["total_bids"],
+        summary["total_amount"],
+        summary["feeds_written"],
+    )
+    return summary
+
+
+def _run_stream(
+    spark: SparkSession,
+    base_uri: str,
+    settings: Settings,
+    available_now: bool,
+    now_us: int | None,
+    counters: RunCounters,
+) -> None:
+    def process_batch(batch: DataFrame, batch_id: int) -> None:
+        _process_batch(spark, base_uri, settings, now_us, counters, batch, batch_id)
+
+    landed = landing.read_landing_stream(spark, f"{base_uri}/{layout.LANDING_PREFIX}")
+    writer = landed.writeStream.foreachBatch(process_batch).option(
+        "checkpointLocation", f"{base_uri}/{layout.POPULARITY_CHECKPOINT_PREFIX}"
+    )
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        trigger_ms = max(1, round(settings.stream_trigger_s * 1000))
+        writer = writer.trigger(processingTime=f"{trigger_ms} milliseconds")
+
+    query = writer.queryName("popularity").start()
+    try:
+        query.awaitTermination()
+    except StreamingQueryException as exc:
+        raise PopularityError(
+            f"popularity stream over {base_uri} failed in a batch; rerun to retry it "
+            f"from the checkpoint: {str(exc).splitlines()[0]}"
+        ) from exc
+    except KeyboardInterrupt:
+        logger.warning("interrupted: stopping the popularity stream")
+        query.stop()
+
+
+def _process_batch(
+    spark: SparkSession,
+    base_uri: str,
+    settings: Settings,
+    now_us: int | None,
+    counters: RunCounters,
+    batch: DataFrame,
+    batch_id: int,
+) -> None:
+    stored = _read_state(spark, base_uri)
+    watermark_us = (
+        None if stored is None else feeds.watermark_before(stored, batch_id, settings.watermark_s)
+    )
+    checked = landing.validate(batch).persist()
+    try:
+        is_valid = F.col(landing.REASON_COLUMN).isNull()
+        counts = checked.agg(
+            F.count(F.when(is_valid, True)).alias("valid"),
+            F.count(F.when(~is_valid, True)).alias("rejected"),
+        ).first()
+        assert counts is not None  # a global aggregate has one row
+        events_read, quarantined = counts["valid"], counts["rejected"]
+        if quarantined:
+            _quarantine(base_uri, checked.filter(~is_valid), batch_id, quarantined)
+        _store(base_uri, feeds.mark_late(checked.filter(is_valid), watermark_us), batch_id)
+    finally:
+        checked.unpersist()
+
+    state = _read_state(spark, base_uri)
+    assert state is not None  # this batch has just stored its events
+    snapshot = feeds.compute_snapshot(state, settings, now_us=now_us, batch_id=batch_id)
+    if snapshot.late_in_batch:
+        logger.warning(
+            "batch %d: %d late bid events (placed more than %s s before a bid of an "
+            "earlier batch); they are counted in every feed",
+            batch_id,
+            snapshot.late_in_batch,
+            settings.watermark_s,
+        )
+    written = _publish_feeds(spark, base_uri, snapshot)
+
+    counters.batches += 1
+    counters.events_read += events_read
+    counters.quarantined += quarantined
+    counters.feeds_written += written
+    counters.snapshot = snapshot
+    logger.info(
+        "batch %d: %d events, %d quarantined, %d feeds published (%d bids in total)",
+        batch_id,
+        events_read,
+        quarantined,
+        written,
+        snapshot.overall.totals.bids,
+    )
+
+
+def _quarantine(base_uri: str, rejected: DataFrame, batch_id: int, count: int) -> None:
+    target = f"{base_uri}/{layout.POPULARITY_QUARANTINE_PREFIX}batch_id={batch_id}/"
+    columns = (landing.SOURCE_COLUMN, landing.REASON_COLUMN, landing.RECORD_COLUMN)
+    rejected.select(*columns).write.mode("overwrite").json(target)
+    logger.warning(
+        "batch %d: %d rows could not be read; quarantined in %s", batch_id, count, target
+    )
+
+
+def _store(base_uri: str, valid: DataFrame, batch_id: int) -> None:
+    target = f"{base_uri}/{layout.POPULARITY_STATE_PREFIX}batch_id={batch_id}/"
+    columns = [field.name for field in STATE_SCHEMA.fields if field.name != "batch_id"]
+    valid.select(*columns).write.mode("overwrite").parquet(target)
+
+
+def _read_state(spark: SparkSession, base_uri: str) -> DataFrame | None:
+    """Every stored event, or None before the first batch has stored any."""
+    state_uri = f"{base_uri}/{layout.POPULARITY_STATE_PREFIX}"
+    if not _exists(spark, state_uri):
+        return None
+    return spark.read.schema(STATE_SCHEMA).parquet(state_uri)
+
+
+def _publish_feeds(spark: SparkSession, base_uri: str, snapshot: feeds.Snapshot) -> int:
+    computed_at = datetime.now(UTC)
+    for feed in [snapshot.overall, *snapshot.categories]:
+        key = (
+            layout.global_feed_key()
+            if feed.category is None
+            else layout.category_feed_key(feed.category)
+        )
+        document = feeds.feed_document(
+            feed, computed_at=computed_at, complete_up_to_us=snapshot.complete_up_to_us
+        )
+        publish_json(spark, f"{base_uri}/{key}", document)
+    return 1 + len(snapshot.categories)
+
+
+def publish_json(spark: SparkSession, uri: str, document: dict[str, Any]) -> None:
+    """Write ``document`` to ``uri`` as one object: on S3 a single PUT, so readers see
+    the old document or the new one, never part of one.
+
+    Limitations: if writing the bytes fails, the stream is left unclosed on purpose
+    (closing it would upload what was written so far); its buffer is freed when the
+    JVM collects it.
+    """
+    payload = json.dumps(document, ensure_ascii=False, indent=1).encode()
+    jvm = spark._jvm
+    assert jvm is not None  # set for every live session
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    filesystem = path.getFileSystem(spark._jsc.hadoopConfiguration())
+    stream = filesystem.create(path, True)
+    stream.write(bytearray(payload))
+    stream.close()
+    logger.debug("published %s (%d bytes)", uri, len(payload))
+
+
+def _exists(spark: SparkSession, uri: str) -> bool:
+    jvm = spark._jvm
+    assert jvm is not None
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    return bool(path.getFileSystem(spark._jsc.hadoopConfiguration()).exists(path))
+
+
+def _summary(counters: RunCounters, snapshot: feeds.Snapshot) -> dict[str, Any]:
+    return {
+        "batches": counters.batches,
+        "events_read": counters.events_read,
+        "quarantined": counters.quarantined,
+        "feeds_written": counters.feeds_written,
+        "distinct_events": snapshot.distinct_events,
+        "bid_events": snapshot.bid_events,
+        "duplicates_removed": snapshot.duplicates_removed,
+        "late_events": snapshot.late_events,
+        "total_bids": snapshot.overall.totals.bids,
+        "total_amount": f"{snapshot.overall.totals.amount:f}",
+        "listings": snapshot.overall.totals.listings,
+        "reference_time": feeds.iso_time(snapshot.reference_us),
+        "complete_up_to": feeds.iso_time(snapshot.complete_up_to_us),
+        "top": snapshot.overall.items,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``spark-submit spark_streaming/popularity.py --bucket B [--scheme s3] [--continuous]``."""
+    parser = argparse.ArgumentParser(description="Update the popularity feeds from landed events.")
+    parser.add_argument("--bucket", required=True, help="the pipeline's bucket")
+    parser.add_argument("--scheme", default="s3", choices=("s3", "s3a"), help="URI scheme")
+    parser.add_argument(
+        "--continuous", action="store_true", help="keep running until stopped (default: drain)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    try:
+        settings = Settings.load(bucket=args.bucket)
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        return 2
+    spark = SparkSession.builder.appName("encore-popularity").getOrCreate()
+    try:
+        summary = run_popularity(
+            spark, f"{args.scheme}://{args.bucket}", settings, available_now=not args.continuous
+        )
+    except PopularityError as exc:
+        logger.error("%s", exc)
+        return 1
+    print(json.dumps({key: value for key, value in summary.items() if key != "top"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

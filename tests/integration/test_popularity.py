@@ -1,0 +1,590 @@
+"""The popularity job end to end: landed CSV on moto's S3, local Spark over s3a, JSON feeds.
+
+One marketplace is played through in three landed files. ``restarted_runs`` lands
+the first two, runs the job, lands the third and runs it again from the checkpoint,
+then runs it once more with nothing new; other tests compare against those runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest_popularity import Bucket, Changes, encoded, new_bucket
+
+from encore import events, layout
+from encore.settings import Settings
+from spark_streaming import feeds, popularity
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 12, 4, 17, 0, tzinfo=UTC)
+TITLE = 'Signed "Pop", 12\\" vinyl,\nfirst press — é'
+
+
+def ago(**delta: float) -> datetime:
+    return NOW - timedelta(**delta)
+
+
+@dataclass(frozen=True)
+class LandedFile:
+    arrival: datetime
+    name: str
+    lines: list[bytes]
+
+
+def marketplace() -> list[LandedFile]:
+    """Three landed files of one marketplace, in arrival order."""
+    c = Changes()
+    first = [
+        c.listing("1001", ago(days=3), title=TITLE, category="Music & Vinyl", sub_category="LP"),
+        c.listing(
+            "1002", ago(days=20), title="Cartier watch", category="Watches", sub_category="Wrist"
+        ),
+        c.listing("1003", ago(days=1), title="Xbox", category="Games", sub_category="Consoles"),
+        c.listing(
+            "9000000000", ago(days=2), title="Lamp", category="Home", sub_category="Lighting"
+        ),
+        c.bid("1", "1001", "u1", "10.00", ago(seconds=600)),
+        c.bid("2", "1001", "u2", "12.50", ago(seconds=1800)),
+        c.bid("3", "1001", None, "15.00", ago(seconds=5400)),
+        c.bid("4", "1002", "u1", "100.00", ago(days=3)),
+        c.bid("5", "1002", "u3", "250.25", ago(days=14)),
+    ]
+    # LSN 0/11 sells listing 1003, inserted at 0/A: string order would call it still live.
+    sold = c.listing(
+        "1003",
+        ago(seconds=120),
+        title="Xbox",
+        category="Games",
+        sub_category="Consoles",
+        status="sold",
+        op="update",
+    )
+    bad_amount = events.encode(c.bid("91", "1001", "u9", "12.50", ago(seconds=5)))
+    bad_time = events.encode(c.bid("92", "1001", "u9", "13.00", ago(seconds=5)))
+    second = [
+        *encoded(
+            [
+                first[4],  # bid 1 delivered twice
+                sold,
+                c.bid("6", "1003", "u2", "30.00", ago(seconds=300)),
+                c.bid("7", "9000000000", "u4", "5.00", ago(seconds=60)),
+                c.bid("8", "9000000000", "u4", "6.00", ago(seconds=30)),
+                c.bid("8", "9000000000", None, "", ago(seconds=20), op="delete"),
+            ]
+        ),
+        b"1,only,three fields\n",
+        bad_amount.replace(b",12.50,", b",12.5.0,"),
+        bad_time.replace(b",13.00," + iso_bytes(ago(seconds=5)), b",13.00,2026-02-30T00:00:00Z"),
+    ]
+    third = [
+        first[4],  # bid 1 a third time, in a later batch
+        c.listing(
+            "1002",
+            ago(seconds=50),
+            title="Cartier Tank watch",
+            category="Watches",
+            sub_category="Wrist",
+            op="update",
+        ),
+        c.bid("9", "1002", "u5", "300.00", ago(seconds=10)),
+        c.bid("10", "1001", "u3", "20.00", ago(days=2)),  # late: arrives after newer bids
+    ]
+    return [
+        LandedFile(ago(hours=2), "encore-landing-1", encoded(first)),
+        LandedFile(ago(hours=1), "encore-landing-2", second),
+        LandedFile(NOW, "encore-landing-3", encoded(third)),
+    ]
+
+
+def iso_bytes(moment: datetime) -> bytes:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+
+
+def item(
+    rank: int,
+    listing_id: str,
+    title: str,
+    category: str,
+    sub_category: str,
+    windows: tuple[int, int, int],
+    bidders_7d: int,
+    amount_7d: str,
+    ages_s: list[float],
+) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "listing_id": listing_id,
+        "title": title,
+        "category": category,
+        "sub_category": sub_category,
+        "bids_1h": windows[0],
+        "bids_24h": windows[1],
+        "bids_7d": windows[2],
+        "bidders_7d": bidders_7d,
+        "amount_7d": amount_7d,
+        "trending_score": pytest.approx(
+            sum(feeds.decay_weight(age, 3600.0) for age in ages_s), rel=1e-12, abs=1e-27
+        ),
+    }
+
+
+DAY = 24 * 3600.0
+VINYL_AFTER_FIRST = item(
+    1, "1001", TITLE, "Music & Vinyl", "LP", (2, 3, 3), 3, "37.50", [600, 1800, 5400]
+)
+LAMP = item(2, "9000000000", "Lamp", "Home", "Lighting", (1, 1, 1), 1, "5.00", [60])
+WATCH_AFTER_FIRST = item(
+    3, "1002", "Cartier watch", "Watches", "Wrist", (0, 0, 1), 1, "100.00", [3 * DAY, 14 * DAY]
+)
+VINYL_AFTER_ALL = item(
+    1, "1001", TITLE, "Music & Vinyl", "LP", (2, 3, 4), 4, "57.50", [600, 1800, 5400, 2 * DAY]
+)
+WATCH_AFTER_ALL = item(
+    2,
+    "1002",
+    "Cartier Tank watch",
+    "Watches",
+    "Wrist",
+    (1, 1, 2),
+    2,
+    "400.00",
+    [10, 3 * DAY, 14 * DAY],
+)
+LAMP_AFTER_ALL = {**LAMP, "rank": 3}
+
+CATEGORY_KEYS = [
+    layout.category_feed_key(name) for name in ("Games", "Home", "Music & Vinyl", "Watches")
+]
+
+
+@dataclass
+class Run:
+    summary: dict[str, Any]
+    feeds: dict[str, Any]
+    warnings: list[str]
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run(spark: Any, bucket: Bucket) -> Run:
+    """One call of the job, with the feeds it left and the warnings it logged."""
+    handler = _Warnings()
+    logging.getLogger(popularity.__name__).addHandler(handler)
+    try:
+        summary = popularity.run_popularity(spark, bucket.base_uri, bucket.settings, now=NOW)
+    finally:
+        logging.getLogger(popularity.__name__).removeHandler(handler)
+    published = {key: bucket.json(key) for key in bucket.keys(layout.FEEDS_PREFIX)}
+    return Run(summary, published, handler.messages)
+
+
+@pytest.fixture(scope="module")
+def restarted_runs(spark: Any, base_settings: Settings) -> tuple[Bucket, list[Run]]:
+    bucket = new_bucket(base_settings)
+    first, second, third = marketplace()
+    bucket.land(first.arrival, first.name, first.lines)
+    bucket.land(second.arrival, second.name, second.lines)
+    runs = [run(spark, bucket)]
+    bucket.land(third.arrival, third.name, third.lines)
+    runs.append(run(spark, bucket))
+    runs.append(run(spark, bucket))
+    return bucket, runs
+
+
+def without_computed_at(document: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in document.items() if key != "computed_at"}
+
+
+#: Summary keys that count what one call did; the others describe all stored events.
+RUN_COUNTERS = ("batches", "events_read", "quarantined", "feeds_written")
+
+
+def state_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in summary.items() if key not in RUN_COUNTERS}
+
+
+def test_first_run_counts_every_row_once(restarted_runs: tuple[Bucket, list[Run]]) -> None:
+    summary = restarted_runs[1][0].summary
+
+    assert {key: value for key, value in summary.items() if key != "top"} == {
+        "batches": 1,
+        "events_read": 15,
+        "quarantined": 3,
+        "feeds_written": 5,
+        "distinct_events": 14,
+        "bid_events": 9,
+        "duplicates_removed": 1,
+        "late_events": 0,
+        "total_bids": 7,
+        "total_amount": "422.75",
+        "listings": 4,
+        "reference_time": "2026-12-04T17:00:00.000000Z",
+        "complete_up_to": "2026-12-04T16:59:40.000000Z",
+    }
+
+
+def test_first_run_global_feed_ranks_live_listings(
+    restarted_runs: tuple[Bucket, list[Run]],
+) -> None:
+    first = restarted_runs[1][0]
+    feed = first.feeds[layout.global_feed_key()]
+
+    assert feed["items"] == [VINYL_AFTER_FIRST, LAMP, WATCH_AFTER_FIRST]
+    assert first.summary["top"] == feed["items"]
+    assert without_computed_at(feed) | {"items": []} == {
+        "schema_version": 1,
+        "feed": "global",
+        "category": None,
+        "complete_up_to": "2026-12-04T16:59:40.000000Z",
+        "totals": {"bids": 7, "amount": "422.75", "listings": 4},
+        "items": [],
+    }
+    assert feed["computed_at"].endswith("Z")
+
+
+def test_sold_listing_leaves_feeds_but_stays_in_totals(
+    restarted_runs: tuple[Bucket, list[Run]],
+) -> None:
+    published = restarted_runs[1][0].feeds
+
+    assert sorted(published) == sorted([layout.global_feed_key(), *CATEGORY_KEYS])
+    games = published[layout.category_feed_key("Games")]
+    assert games["items"] == []
+    assert games["totals"] == {"bids": 1, "amount": "30.00", "listings": 1}
+    assert published[layout.category_feed_key("Music & Vinyl")]["items"] == [VINYL_AFTER_FIRST]
+    assert published[layout.category_feed_key("Home")]["items"] == [{**LAMP, "rank": 1}]
+
+
+def test_malformed_rows_are_quarantined_with_source_and_reason(
+    restarted_runs: tuple[Bucket, list[Run]],
+) -> None:
+    bucket = restarted_runs[0]
+    rows = bucket.quarantined()
+    source = f"{bucket.base_uri}/{layout.landing_key(ago(hours=1), 'encore-landing-2')}"
+
+    assert sorted(row["reason"] for row in rows) == [
+        "amount is not a decimal(18,2)",
+        "malformed csv record: expected 22 fields",
+        "placed_at is not an ISO-8601 UTC time",
+    ]
+    assert {row["source_file"] for row in rows} == {source}
+    assert any(row["record"] == "1,only,three fields" for row in rows)
+    assert all(
+        key.startswith(f"{layout.POPULARITY_QUARANTINE_PREFIX}batch_id=0/")
+        for key in bucket.keys(layout.POPULARITY_QUARANTINE_PREFIX)
+    )
+
+
+def test_restart_continues_without_double_counting(
+    restarted_runs: tuple[Bucket, list[Run]],
+) -> None:
+    second = restarted_runs[1][1]
+
+    assert {key: value for key, value in second.summary.items() if key != "top"} == {
+        "batches": 1,
+        "events_read": 4,
+        "quarantined": 0,
+        "feeds_written": 5,
+        "distinct_events": 17,
+        "bid_events": 11,
+        "duplicates_removed": 2,
+        "late_events": 1,
+        "total_bids": 9,
+        "total_amount": "742.75",
+        "listings": 4,
+        "reference_time": "2026-12-04T17:00:00.000000Z",
+        "complete_up_to": "2026-12-04T16:59:50.000000Z",
+    }
+    assert second.feeds[layout.global_feed_key()]["items"] == [
+        VINYL_AFTER_ALL,
+        WATCH_AFTER_ALL,
+        LAMP_AFTER_ALL,
+    ]
+
+
+def test_late_event_is_counted_and_logged_as_a_warning(
+    restarted_runs: tuple[Bucket, list[Run]],
+) -> None:
+    first, second, _ = restarted_runs[1]
+
+    assert second.summary["late_events"] == 1
+    assert any("1 late bid events" in message for message in second.warnings)
+    assert not any("late" in message for message in first.warnings)
+
+
+def test_rerun_without_new_data_changes_nothing(
+    restarted_runs: tuple[Bucket, list[Run]],
+) -> None:
+    _, (_, second, third) = restarted_runs
+
+    assert [third.summary[key] for key in RUN_COUNTERS] == [0, 0, 0, 0]
+    assert state_figures(third.summary) == state_figures(second.summary)
+    assert third.feeds == second.feeds  # not even rewritten: computed_at is unchanged
+
+
+def test_crash_in_a_batch_then_rerun_equals_the_restarted_runs(
+    spark: Any,
+    base_settings: Settings,
+    restarted_runs: tuple[Bucket, list[Run]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bucket = new_bucket(base_settings)
+    for landed in marketplace():
+        bucket.land(landed.arrival, landed.name, landed.lines)
+
+    def crash(*_: Any, **__: Any) -> None:
+        raise RuntimeError("injected crash after the batch stored its events")
+
+    monkeypatch.setattr(feeds, "compute_snapshot", crash)
+    with pytest.raises(popularity.PopularityError, match="rerun to retry"):
+        popularity.run_popularity(spark, bucket.base_uri, bucket.settings, now=NOW)
+    assert bucket.keys(layout.FEEDS_PREFIX) == []
+    monkeypatch.undo()
+
+    rerun = run(spark, bucket)
+
+    expected = restarted_runs[1][1]
+    assert rerun.summary["batches"] == 1  # batch 0 again, same files, same id
+    assert rerun.summary["duplicates_removed"] == 2
+    assert rerun.summary["total_bids"] == 9
+    # All three files came in one batch, so nothing arrived after a newer bid.
+    assert rerun.summary["late_events"] == 0
+    assert {k: without_computed_at(v) for k, v in rerun.feeds.items()} == {
+        k: without_computed_at(v) for k, v in expected.feeds.items()
+    }
+
+
+def test_command_line_with_nothing_landed_yet_reports_zeros(
+    spark: Any, base_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bucket = new_bucket(base_settings)
+
+    code = popularity.main(["--bucket", bucket.name, "--scheme", "s3a"])
+
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["batches"] == summary["total_bids"] == summary["feeds_written"] == 0
+    assert summary["total_amount"] == "0.00"
+    assert bucket.keys("") == []
+
+
+def test_spark_picks_the_latest_change_as_the_pure_rule_does(spark: Any) -> None:
+    changes = [
+        ("a", "k1", "insert", "0/9", "2026-12-04T15:00:00Z"),
+        ("b", "k1", "update", "0/10", "2026-12-04T15:00:00Z"),
+        ("c", "k2", "update", "1/0", "2026-12-04T15:00:00Z"),
+        ("d", "k2", "update", "0/FFFFFFFF", "2026-12-04T16:00:00Z"),
+        ("e", "k3", "update", "0/20", "2026-12-04T15:00:01Z"),
+        ("f", "k3", "update", "0/20", "2026-12-04T15:00:00Z"),
+        ("g", "k4", "delete", "0/30", "2026-12-04T15:00:00Z"),
+        ("h", "k4", "update", "0/30", "2026-12-04T15:00:00Z"),
+    ]
+    rows = [
+        (event_id, key, op, lsn, datetime.fromisoformat(at))
+        for event_id, key, op, lsn, at in changes
+    ]
+    frame = spark.createDataFrame(
+        rows, "event_id STRING, key STRING, op STRING, commit_lsn STRING, commit_time TIMESTAMP"
+    )
+
+    latest = {row["key"]: row["event_id"] for row in feeds.latest_per_key(frame, "key").collect()}
+
+    by_key: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for event_id, key, op, lsn, at in changes:
+        by_key[key].append({"event_id": event_id, "op": op, "commit_lsn": lsn, "commit_time": at})
+    expected = {key: feeds.latest_change(group)["event_id"] for key, group in by_key.items()}
+    assert latest == expected == {"k1": "b", "k2": "c", "k3": "e", "k4": "g"}
+
+
+AUCTION_START = datetime(2026, 11, 2, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class AuctionBid:
+    bid_id: str
+    auction_id: str
+    bidder: str | None
+    amount: str
+    placed_at: datetime
+
+
+def auction_replay(path: Path) -> tuple[list[dict[str, str | None]], list[AuctionBid], dict]:
+    """The eBay auctions as contract events in event-time order, and the plain rows.
+
+    Every auction is listed at ``AUCTION_START``; a bid is placed ``bidtime`` days later.
+    Commit LSNs start just below 1/0, so the replay crosses into the high half.
+    """
+    with path.open(newline="") as source:
+        rows = list(csv.DictReader(source))
+    auctions: dict[str, dict[str, str]] = {}
+    bids = []
+    for number, row in enumerate(rows, start=1):
+        auctions.setdefault(row["auctionid"], row)
+        bids.append(
+            AuctionBid(
+                bid_id=str(number),
+                auction_id=row["auctionid"],
+                bidder=row["bidder"] or None,
+                amount=row["bid"],
+                placed_at=AUCTION_START + timedelta(days=float(row["bidtime"])),
+            )
+        )
+
+    changes = Changes(next_lsn=0xFFFFFF00)
+    replay = [
+        changes.listing(
+            auction_id,
+            AUCTION_START,
+            title=f"{row['item']} ({auction_id})",
+            category=row["item"],
+            sub_category=row["auction_type"],
+        )
+        for auction_id, row in auctions.items()
+    ]
+    for bid in sorted(bids, key=lambda bid: (bid.placed_at, int(bid.bid_id))):
+        replay.append(
+            changes.bid(bid.bid_id, bid.auction_id, bid.bidder, bid.amount, bid.placed_at)
+        )
+    return replay, bids, auctions
+
+
+def reference_top(
+    bids: list[AuctionBid], auctions: dict[str, dict[str, str]], settings: Settings
+) -> list[dict[str, Any]]:
+    """The global feed, computed in plain Python from the same rows."""
+    reference = max(bid.placed_at for bid in bids)
+    by_listing: dict[str, list[AuctionBid]] = defaultdict(list)
+    for bid in bids:
+        by_listing[bid.auction_id].append(bid)
+
+    scored = []
+    for auction_id, listing_bids in by_listing.items():
+        ages = [(reference - bid.placed_at).total_seconds() for bid in listing_bids]
+        week = [bid for bid, age in zip(listing_bids, ages, strict=True) if age < 7 * DAY]
+        row = auctions[auction_id]
+        windows = (
+            sum(age < 3600 for age in ages),
+            sum(age < DAY for age in ages),
+            sum(age < 7 * DAY for age in ages),
+        )
+        entry = item(
+            0,
+            auction_id,
+            f"{row['item']} ({auction_id})",
+            row["item"],
+            row["auction_type"],
+            windows,
+            len({bid.bidder or "" for bid in week}),
+            f"{sum((Decimal(bid.amount) for bid in week), Decimal('0.00')):f}",
+            ages,
+        )
+        score = sum(feeds.decay_weight(age, settings.trending_half_life_s) for age in ages)
+        scored.append((-score, auction_id, entry))
+    scored.sort(key=lambda entry: entry[:2])
+    return [
+        {**entry, "rank": rank}
+        for rank, (_, _, entry) in enumerate(scored[: settings.feed_top_n], start=1)
+    ]
+
+
+def test_auction_replay_totals_equal_a_plain_count(
+    spark: Any, base_settings: Settings, shared_data: Path
+) -> None:
+    bucket = new_bucket(base_settings)
+    replay, bids, auctions = auction_replay(shared_data / "ebay_auctions" / "auction.csv")
+    lines = encoded(replay)
+    parts = 4
+    size = -(-len(lines) // parts)
+    for part in range(parts):
+        arrival = AUCTION_START + timedelta(days=2 * part)
+        bucket.land(arrival, f"encore-landing-{part}", lines[part * size : (part + 1) * size])
+
+    summary = popularity.run_popularity(spark, bucket.base_uri, bucket.settings)
+
+    amount = sum((Decimal(bid.amount) for bid in bids), Decimal("0.00"))
+    assert len(bids) == 4764
+    assert max(int(auction_id) for auction_id in auctions) > 2**31
+    assert summary["events_read"] == summary["distinct_events"] == 4764 + len(auctions)
+    assert summary["bid_events"] == summary["total_bids"] == 4764
+    assert summary["total_amount"] == f"{amount:f}"
+    assert summary["listings"] == len(auctions) == 285
+    assert summary["quarantined"] == summary["duplicates_removed"] == summary["late_events"] == 0
+
+    feed = bucket.json(layout.global_feed_key())
+    assert feed["totals"] == {"bids": 4764, "amount": f"{amount:f}", "listings": 285}
+    assert feed["items"] == reference_top(bids, auctions, bucket.settings)
+
+    per_item: dict[str, list[AuctionBid]] = defaultdict(list)
+    for bid in bids:
+        per_item[auctions[bid.auction_id]["item"]].append(bid)
+    for name, item_bids in per_item.items():
+        category = bucket.json(layout.category_feed_key(name))
+        assert category["totals"] == {
+            "bids": len(item_bids),
+            "amount": f"{sum((Decimal(bid.amount) for bid in item_bids), Decimal('0.00')):f}",
+            "listings": len({bid.auction_id for bid in item_bids}),
+        }
+
+
+def test_continuous_mode_publishes_each_batch_until_stopped(
+    spark: Any, base_settings: Settings
+) -> None:
+    bucket = new_bucket(base_settings.replace(stream_trigger_s=0.5))
+    first = marketplace()[0]
+    bucket.land(first.arrival, first.name, first.lines)
+    outcome: dict[str, Any] = {}
+
+    def run_until_stopped() -> None:
+        outcome.update(
+            popularity.run_popularity(
+                spark, bucket.base_uri, bucket.settings, available_now=False, now=NOW
+            )
+        )
+
+    runner = threading.Thread(target=run_until_stopped)
+    runner.start()
+    try:
+        query = wait_for_batch(spark, "popularity", batch_id=0)
+        assert bucket.json(layout.global_feed_key())["totals"]["bids"] == 5
+    finally:
+        for active in spark.streams.active:
+            if active.name == "popularity":
+                active.stop()
+        runner.join(timeout=60)
+
+    assert not runner.is_alive()
+    assert query.isActive is False
+    assert outcome["batches"] == 1
+    assert outcome["total_bids"] == 5
+
+
+def wait_for_batch(spark: Any, name: str, batch_id: int, timeout_s: float = 60) -> Any:
+    """The active query ``name`` once it has finished batch ``batch_id``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for query in spark.streams.active:
+            if query.name == name and any(
+                progress["batchId"] >= batch_id for progress in query.recentProgress
+            ):
+                return query
+        time.sleep(0.2)
+    raise AssertionError(f"query {name} did not finish batch {batch_id} within {timeout_s} s")
