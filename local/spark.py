@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 JARS = ("hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar")
 JAR_SOURCE = "sagemaker-pyspark==1.4.5"
+LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.properties"
 DEFAULT_JAR_DIR = Path.home() / ".cache" / "encore" / "jars"
 
 
@@ -106,6 +107,7 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
         "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
         "spark.sql.session.timeZone": "UTC",
         "spark.driver.memory": "2g",
+        "spark.driver.extraJavaOptions": f"-Dlog4j.configurationFile={LOG_CONFIG}",
         "spark.sql.streaming.forceDeleteTempCheckpointLocation": "true",
         "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
         "spark.hadoop.fs.s3a.path.style.access": "true",
