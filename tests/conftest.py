@@ -1,13 +1,34 @@
-"""Fixtures every test may use; no service starts unless a test asks for one."""
+"""Fixtures every test may use; no service starts unless a test asks for one.
+
+Real services for integration and end-to-end tests, started once per session:
+
+* ``aws_endpoint``: moto's server on a free 127.0.0.1 port, stopped by pid at the end;
+* ``base_settings``: settings pointing at it, with the bucket, stream and delivery
+  stream provisioned;
+* ``postgres``: a throw-away Postgres with ``wal_level=logical``;
+* ``spark``: one local Spark session for every test (its s3a endpoint is fixed when
+  it is created, so every test shares the one endpoint).
+
+Tests that need an isolated bucket use ``fresh_bucket``.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 
 from cli.stack import LOCAL_AWS_ENV
+from encore.settings import Settings
+from infra.provision import provision
+from local.services import LocalPostgres, MotoServer, free_port
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EVENTS = Path(__file__).resolve().parent / "events"
@@ -24,3 +45,63 @@ def shared_data() -> Path:
     if not DATA.exists():
         pytest.fail(f"the project's data folder {DATA} is missing; it must sit beside the checkout")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = MotoServer(tmp_path_factory.mktemp("moto"), free_port())
+    server.start()
+    try:
+        yield server.endpoint_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def base_settings(aws_endpoint: str) -> Settings:
+    settings = Settings.load(
+        {}, aws_endpoint_url=aws_endpoint, spark_shuffle_partitions=2, presign_secret="test-secret"
+    )
+    provision(settings)
+    return settings
+
+
+@pytest.fixture
+def fresh_bucket(base_settings: Settings) -> Settings:
+    """Settings with a bucket, stream and delivery stream of the test's own."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = base_settings.replace(
+        bucket=f"encore-test-{suffix}",
+        stream_name=f"encore-changes-{suffix}",
+        delivery_stream_name=f"encore-landing-{suffix}",
+    )
+    provision(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    # pytest's own temporary folders are private to root; the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="encore-pg-"))
+    root.chmod(0o755)
+    server = LocalPostgres(root, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def spark(base_settings: Settings) -> Iterator[Any]:
+    from local.spark import local_session
+
+    session = local_session(base_settings, "encore-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def s3(base_settings: Settings) -> Any:
+    return boto3.client("s3", **base_settings.boto3_kwargs())

@@ -1,0 +1,133 @@
+"""The whole pipeline on a slice of the real export, with exact counts end to end.
+
+Real Postgres with logical decoding, the capture handler in-process, Kinesis
+and Firehose on moto's server over HTTP, the local Firehose stand-in, and
+both Spark jobs on local Spark reading and writing through s3a.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+
+from cli import pipeline
+from encore import layout
+from encore.settings import Settings
+from local.services import LocalPostgres
+
+pytestmark = pytest.mark.integration
+
+SLICE_ROWS = 400
+ANCHOR = datetime(2026, 12, 1, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+def export_slice(shared_data: Path, tmp_path: Path) -> Path:
+    """The export's header and first rows, as exported (quotes, spaces and all)."""
+    source = shared_data / "encore" / "user_interaction.csv"
+    target = tmp_path / "slice.csv"
+    with open(source, newline="") as handle, open(target, "w", newline="") as out:
+        writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        for number, row in enumerate(csv.reader(handle)):
+            if number > SLICE_ROWS:
+                break
+            writer.writerow(row)
+        writer.writerow(["", "nobody", "Toys", "Funko", "Orphan", "1", "1", "5"])
+        writer.writerow(["u-bad", "bad", "Toys", "Funko", "Priceless", "1", "1", "lots"])
+    return target
+
+
+@pytest.fixture
+def pipeline_settings(postgres: LocalPostgres, fresh_bucket: Settings) -> Iterator[Settings]:
+    database = "e2e_" + uuid.uuid4().hex[:8]
+    admin = psycopg2.connect(postgres.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    admin.close()
+    yield fresh_bucket.replace(
+        database_dsn=postgres.dsn.replace(f"dbname={postgres.database}", f"dbname={database}"),
+        slot_name=f"slot_{database}",
+    )
+
+
+def run_everything(settings: Settings, export: Path, rejects: Path, spark: Any) -> dict[str, Any]:
+    from batch.recommend import run_nightly
+    from spark_streaming.popularity import run_popularity
+
+    pipeline.prepare_database(settings)
+    load = pipeline.load_export(settings, export, rejects, ANCHOR)
+    flow = pipeline.replay_live(settings, load, ANCHOR, per_transaction=25)
+    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+    return {
+        "load": load,
+        "flow": flow,
+        "landed": pipeline.landed_event_counts(settings),
+        "popularity": run_popularity(spark, base_uri, settings, available_now=True, now=ANCHOR),
+        "nightly": run_nightly(spark, base_uri, settings, now=ANCHOR),
+    }
+
+
+def test_pipeline_counts_agree_end_to_end_and_a_second_run_doubles_nothing(
+    pipeline_settings: Settings, export_slice: Path, tmp_path: Path, spark: Any
+) -> None:
+    settings = pipeline_settings
+    first = run_everything(settings, export_slice, tmp_path / "rejects.csv", spark)
+
+    load, flow = first["load"], first["flow"]
+    planned = sum(row.bid_count for row in load.export.interactions)
+    amount = sum((row.bid_total for row in load.export.interactions), Decimal(0))
+    assert load.export.rows_read == SLICE_ROWS + 2
+    lines = export_slice.read_bytes().count(b"\n")  # quoted newlines make some records longer
+    assert [reject.line for reject in load.export.rejected] == [lines - 1, lines]
+    rejects = (tmp_path / "rejects.csv").read_text().splitlines()
+    assert len(rejects) == 3 and "user_id is empty" in rejects[1] and "not a number" in rejects[2]
+
+    assert flow.bids_inserted == planned == len(load.bids)
+    assert first["landed"]["bid.insert"] == planned
+    assert first["landed"]["listing.insert"] == len(load.listings)
+    assert first["landed"]["listing.update"] == flow.auctions_closed
+    assert flow.changes_captured == planned + len(load.listings) + flow.auctions_closed
+    assert first["popularity"]["total_bids"] == planned
+    assert Decimal(first["popularity"]["total_amount"]) == amount
+    assert first["nightly"]["interactions_read"] == planned
+    assert first["nightly"]["users"] == len({row.user_id for row in load.export.interactions})
+
+    second = run_everything(settings, export_slice, tmp_path / "rejects.csv", spark)
+
+    assert second["flow"].bids_inserted == 0
+    assert second["flow"].changes_captured == 0
+    assert second["landed"] == first["landed"]
+    for key in ("total_bids", "total_amount", "bid_events", "duplicates_removed"):
+        assert second["popularity"][key] == first["popularity"][key], key
+    assert second["nightly"]["interactions_read"] == planned
+    assert second["nightly"]["users"] == first["nightly"]["users"]
+
+
+def test_a_users_document_is_served_through_a_presigned_url(
+    pipeline_settings: Settings, export_slice: Path, tmp_path: Path, spark: Any
+) -> None:
+    from lambdas.presign.handler import presigned_url_for_user
+
+    settings = pipeline_settings
+    outcome = run_everything(settings, export_slice, tmp_path / "rejects.csv", spark)
+    user_id = next(iter(outcome["nightly"]["sample"]))
+
+    reply = presigned_url_for_user(settings, user_id, 600)
+    with urllib.request.urlopen(reply["url"], timeout=10) as response:
+        document = json.loads(response.read())
+
+    assert document["user_id"] == user_id
+    assert document["run_id"] == outcome["nightly"]["run_id"]
+    listing_ids = [item["listing_id"] for item in document["items"]]
+    assert len(listing_ids) == len(set(listing_ids))
