@@ -105,3 +105,20 @@ def spark(base_settings: Settings) -> Iterator[Any]:
 @pytest.fixture
 def s3(base_settings: Settings) -> Any:
     return boto3.client("s3", **base_settings.boto3_kwargs())
+
+
+@pytest.fixture
+def fresh_database(postgres: LocalPostgres, fresh_bucket: Settings) -> Settings:
+    """``fresh_bucket`` settings with a database and replication slot name of their own."""
+    import psycopg2
+
+    database = "test_" + uuid.uuid4().hex[:8]
+    admin = psycopg2.connect(postgres.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    admin.close()
+    return fresh_bucket.replace(
+        database_dsn=postgres.dsn.replace(f"dbname={postgres.database}", f"dbname={database}"),
+        slot_name=f"slot_{database}",
+    )

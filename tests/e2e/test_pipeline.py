@@ -10,20 +10,16 @@ from __future__ import annotations
 import csv
 import json
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 
 from cli import pipeline
 from encore import layout
 from encore.settings import Settings
-from local.services import LocalPostgres
 
 pytestmark = pytest.mark.integration
 
@@ -47,20 +43,6 @@ def export_slice(shared_data: Path, tmp_path: Path) -> Path:
     return target
 
 
-@pytest.fixture
-def pipeline_settings(postgres: LocalPostgres, fresh_bucket: Settings) -> Iterator[Settings]:
-    database = "e2e_" + uuid.uuid4().hex[:8]
-    admin = psycopg2.connect(postgres.dsn)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {database}")
-    admin.close()
-    yield fresh_bucket.replace(
-        database_dsn=postgres.dsn.replace(f"dbname={postgres.database}", f"dbname={database}"),
-        slot_name=f"slot_{database}",
-    )
-
-
 def run_everything(settings: Settings, export: Path, rejects: Path, spark: Any) -> dict[str, Any]:
     from batch.recommend import run_nightly
     from spark_streaming.popularity import run_popularity
@@ -79,9 +61,9 @@ def run_everything(settings: Settings, export: Path, rejects: Path, spark: Any) 
 
 
 def test_pipeline_counts_agree_end_to_end_and_a_second_run_doubles_nothing(
-    pipeline_settings: Settings, export_slice: Path, tmp_path: Path, spark: Any
+    fresh_database: Settings, export_slice: Path, tmp_path: Path, spark: Any
 ) -> None:
-    settings = pipeline_settings
+    settings = fresh_database
     first = run_everything(settings, export_slice, tmp_path / "rejects.csv", spark)
 
     load, flow = first["load"], first["flow"]
@@ -115,11 +97,11 @@ def test_pipeline_counts_agree_end_to_end_and_a_second_run_doubles_nothing(
 
 
 def test_a_users_document_is_served_through_a_presigned_url(
-    pipeline_settings: Settings, export_slice: Path, tmp_path: Path, spark: Any
+    fresh_database: Settings, export_slice: Path, tmp_path: Path, spark: Any
 ) -> None:
     from lambdas.presign.handler import presigned_url_for_user
 
-    settings = pipeline_settings
+    settings = fresh_database
     outcome = run_everything(settings, export_slice, tmp_path / "rejects.csv", spark)
     user_id = next(iter(outcome["nightly"]["sample"]))
 

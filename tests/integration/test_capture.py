@@ -29,15 +29,9 @@ BIG_ID = 1234567890123456789
 
 
 @pytest.fixture
-def capture_settings(postgres: LocalPostgres, fresh_bucket: Settings) -> Iterator[Settings]:
-    database = "capture_" + uuid.uuid4().hex[:8]
-    admin = psycopg2.connect(postgres.dsn)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {database}")
-    admin.close()
-    dsn = postgres.dsn.replace(f"dbname={postgres.database}", f"dbname={database}")
-    settings = fresh_bucket.replace(database_dsn=dsn, slot_name=f"slot_{database}")
+def capture_settings(fresh_database: Settings) -> Iterator[Settings]:
+    settings = fresh_database
+    dsn = settings.require_dsn()
     conn = psycopg2.connect(dsn)
     migrate(conn)
     prepare(conn, settings.slot_name, settings.publication_name)
