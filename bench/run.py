@@ -25,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import capture_bench, landing_bench
+from bench import capture_bench, landing_bench, popularity_bench
 from cli.pipeline import prepare_database
 from cli.stack import use_local_credentials
 from encore.settings import Settings
@@ -48,18 +48,21 @@ def _repeat(times: int, run: Callable[[], dict[str, Any]]) -> list[dict[str, Any
     return [run() for _ in range(times)]
 
 
-def _fresh(settings: Settings, postgres: LocalPostgres) -> Settings:
+def _fresh(settings: Settings) -> Settings:
     """A database, slot, stream and bucket of their own for one measurement."""
     import psycopg2
 
     suffix = uuid.uuid4().hex[:8]
-    admin = psycopg2.connect(postgres.dsn)
+    dsn = settings.require_dsn()
+    admin = psycopg2.connect(dsn)
     admin.autocommit = True
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE bench_{suffix}")
     admin.close()
     fresh = settings.replace(
-        database_dsn=postgres.dsn.replace("dbname=encore", f"dbname=bench_{suffix}"),
+        database_dsn=" ".join(
+            f"dbname=bench_{suffix}" if word.startswith("dbname=") else word for word in dsn.split()
+        ),
         slot_name=f"bench_{suffix}",
         bucket=f"bench-{suffix}",
         stream_name=f"bench-{suffix}",
@@ -77,48 +80,37 @@ def main(argv: list[str] | None = None) -> int:
         "--backlog", type=int, default=1_000_000, help="backlog drained once for peak memory"
     )
     parser.add_argument("--landing-events", type=int, default=50_000)
+    parser.add_argument("--freshness-samples", type=int, default=20)
+    parser.add_argument("--stream-events", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--aws-endpoint-url", help="use this endpoint instead of starting moto")
+    parser.add_argument("--postgres-dsn", help="use this server instead of starting one")
     args = parser.parse_args(argv)
 
     use_local_credentials()
     root = Path(tempfile.mkdtemp(prefix="encore-bench-"))
     root.chmod(0o755)
-    postgres = LocalPostgres(root / "pg", free_port())
-    moto = MotoServer(root / "moto", free_port())
-    figures: dict[str, Any] = {}
+    postgres = None if args.postgres_dsn else LocalPostgres(root / "pg", free_port())
+    moto = None if args.aws_endpoint_url else MotoServer(root / "moto", free_port())
     try:
-        moto.start()
-        postgres.start()
-        base = Settings.load({}, aws_endpoint_url=moto.endpoint_url, database_dsn=postgres.dsn)
-
-        capture_runs = _repeat(
-            args.repeat, lambda: capture_bench.measure(_fresh(base, postgres), args.changes)
+        if moto is not None:
+            moto.start()
+        if postgres is not None:
+            postgres.start()
+        base = Settings.load(
+            {},
+            aws_endpoint_url=args.aws_endpoint_url or (moto.endpoint_url if moto else None),
+            database_dsn=args.postgres_dsn or (postgres.dsn if postgres else None),
+            spark_shuffle_partitions=2,
         )
-        figures["capture.events_per_s"] = _figure(
-            [run["events_per_s"] for run in capture_runs], "events/s"
-        )
-        figures["capture.raw_slot_events_per_s"] = _figure(
-            [run["raw_events_per_s"] for run in capture_runs], "events/s"
-        )
-        backlog = capture_bench.measure(_fresh(base, postgres), args.backlog)
-        figures["capture.peak_rss_mb"] = _figure([backlog["peak_rss_mb"]], "MB")
-        figures["capture.backlog_events"] = _figure([backlog["events"]], "events")
-        figures["capture.backlog_invocations"] = _figure([backlog["runs"]], "invocations")
-
-        landing_runs = _repeat(
-            args.repeat, lambda: landing_bench.measure(_fresh(base, postgres), args.landing_events)
-        )
-        figures["landing.events_per_s"] = _figure(
-            [run["events_per_s"] for run in landing_runs], "events/s"
-        )
-        figures["landing.raw_put_events_per_s"] = _figure(
-            [run["raw_events_per_s"] for run in landing_runs], "events/s"
-        )
+        figures = _measure(args, base)
     finally:
-        moto.stop()
-        postgres.stop()
+        if moto is not None:
+            moto.stop()
+        if postgres is not None:
+            postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     report = {
@@ -143,6 +135,49 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.md").write_text(table)
     print(table)
     return 0
+
+
+def _measure(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    capture_runs = _repeat(args.repeat, lambda: capture_bench.measure(_fresh(base), args.changes))
+    figures["capture.events_per_s"] = _figure(
+        [run["events_per_s"] for run in capture_runs], "events/s"
+    )
+    figures["capture.raw_slot_events_per_s"] = _figure(
+        [run["raw_events_per_s"] for run in capture_runs], "events/s"
+    )
+    backlog = capture_bench.measure(_fresh(base), args.backlog)
+    figures["capture.peak_rss_mb"] = _figure([backlog["peak_rss_mb"]], "MB")
+    figures["capture.backlog_events"] = _figure([backlog["events"]], "events")
+    figures["capture.backlog_invocations"] = _figure([backlog["runs"]], "invocations")
+
+    landing_runs = _repeat(
+        args.repeat, lambda: landing_bench.measure(_fresh(base), args.landing_events)
+    )
+    figures["landing.events_per_s"] = _figure(
+        [run["events_per_s"] for run in landing_runs], "events/s"
+    )
+    figures["landing.raw_put_events_per_s"] = _figure(
+        [run["raw_events_per_s"] for run in landing_runs], "events/s"
+    )
+
+    from local.spark import local_session
+
+    spark = local_session(base, "encore-bench")
+    freshness = popularity_bench.measure_freshness(spark, _fresh(base), args.freshness_samples)
+    figures["popularity.freshness_p50_s"] = _figure([freshness["p50_s"]], "s")
+    figures["popularity.freshness_p95_s"] = _figure([freshness["p95_s"]], "s")
+    stream_runs = _repeat(
+        args.repeat,
+        lambda: popularity_bench.measure_throughput(spark, _fresh(base), args.stream_events),
+    )
+    figures["popularity.events_per_s_per_core"] = _figure(
+        [run["events_per_s_per_core"] for run in stream_runs], "events/s/core"
+    )
+    figures["popularity.plain_count_rows_per_s_per_core"] = _figure(
+        [run["count_rows_per_s_per_core"] for run in stream_runs], "rows/s/core"
+    )
+    return figures
 
 
 def markdown(report: dict[str, Any]) -> str:

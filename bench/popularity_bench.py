@@ -1,0 +1,135 @@
+"""Popularity freshness and throughput on the local stack.
+
+Freshness: the time from a bid's commit in Postgres to the first global feed
+that counts it, with the continuous popularity job running (one micro-batch
+every ``stream_trigger_s``), the capture and the landing hop run right after
+the commit (zero buffering), and the feed polled in S3.
+
+Throughput: one catch-up run of the job over a landed backlog, in events per
+second per core; the reference, in the same run, is a plain Spark count of
+the same landed rows.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import boto3
+import psycopg2
+from botocore.exceptions import ClientError
+
+from bench import landing_bench
+from cli import pipeline
+from encore import layout
+from encore.settings import Settings
+from lambdas.capture.kinesis_sink import KinesisSink
+
+
+def _feed_bids(s3: Any, bucket: str) -> int:
+    try:
+        body = s3.get_object(Bucket=bucket, Key=layout.global_feed_key())["Body"].read()
+    except ClientError:
+        return -1
+    return int(json.loads(body)["totals"]["bids"])
+
+
+def measure_freshness(spark: Any, settings: Settings, samples: int) -> dict[str, Any]:
+    from spark_streaming.popularity import run_popularity
+
+    settings = settings.replace(stream_trigger_s=0.5)
+    conn = psycopg2.connect(settings.require_dsn())
+    with conn, conn.cursor() as cursor:
+        cursor.execute("INSERT INTO users VALUES ('fresh', 'fresh')")
+        cursor.execute("INSERT INTO categories VALUES (1, 'Toys')")
+        cursor.execute("INSERT INTO sub_categories VALUES (1, 1, 'Funko')")
+        cursor.execute(
+            "INSERT INTO listings (id, title, category_id, sub_category_id, price, ends_at)"
+            " VALUES (1, 'fresh', 1, 1, 1, now() + interval '1 day')"
+        )
+    pipeline.drain(settings, pipeline.FlowCounts())
+
+    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+    failure: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            run_popularity(spark, base_uri, settings, available_now=False)
+        except BaseException as exc:
+            failure.append(exc)
+
+    runner = threading.Thread(target=stream, name="popularity")
+    runner.start()
+    s3 = boto3.client("s3", **settings.boto3_kwargs())
+    latencies = []
+    try:
+        for number in range(1, samples + 1):
+            with conn, conn.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO bids (listing_id, bidder_id, amount) VALUES (1, 'fresh', %s)",
+                    (number,),
+                )
+            committed = time.monotonic()
+            pipeline.capture_once(settings)
+            pipeline.land_once(settings)
+            deadline = committed + 120
+            while _feed_bids(s3, settings.bucket) < number:
+                if failure or time.monotonic() > deadline:
+                    raise RuntimeError(f"bid {number} never reached the feed: {failure}")
+                time.sleep(0.05)
+            latencies.append(time.monotonic() - committed)
+    finally:
+        for query in spark.streams.active:
+            query.stop()
+        runner.join(60)
+        conn.close()
+    latencies.sort()
+    return {
+        "samples": latencies,
+        "p50_s": latencies[len(latencies) // 2],
+        "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+    }
+
+
+def measure_throughput(spark: Any, settings: Settings, count: int) -> dict[str, Any]:
+    """One catch-up run over ``count`` landed bid events, against a plain count of them."""
+    from spark_streaming.popularity import run_popularity
+
+    kwargs = settings.boto3_kwargs()
+    sink = KinesisSink(
+        boto3.client("kinesis", **kwargs),
+        settings.stream_name,
+        boto3.client("s3", **kwargs),
+        settings.bucket,
+    )
+    for line in landing_bench.sample_lines(count):
+        sink.add(line.split(b",")[7].decode(), line)
+    sink.flush()
+    pipeline.land_once(settings)
+
+    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+    landing_uri = f"{base_uri}/{layout.LANDING_PREFIX}"
+    started = time.perf_counter()
+    plain = (
+        spark.read.option("recursiveFileLookup", "true")
+        .option("multiLine", "true")
+        .csv(landing_uri)
+        .count()
+    )
+    count_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    summary = run_popularity(spark, base_uri, settings, available_now=True)
+    job_s = time.perf_counter() - started
+    cores = int(spark.sparkContext.defaultParallelism)
+    return {
+        "events": summary["bid_events"],
+        "plain_count": plain,
+        "job_s": job_s,
+        "count_s": count_s,
+        "cores": cores,
+        "events_per_s_per_core": summary["bid_events"] / job_s / cores,
+        "count_rows_per_s_per_core": plain / count_s / cores,
+    }
