@@ -21,6 +21,7 @@ from typing import Any
 
 from cli import pipeline
 from cli.progress import Progress
+from cli.report import render_report
 from cli.stack import local_stack, state_dir
 from encore import layout
 from encore.settings import Settings
@@ -91,13 +92,36 @@ def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
 
         url_check = _fetch_user_document(settings, nightly)
 
-    summary = _summary(load, flow, landed, popularity, nightly, url_check)
-    summary["seconds"] = {"total": round(time.monotonic() - started, 1), "spark": round(spark_s, 1)}
-    _check(summary)
-    path = root / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
-    summary["summary_file"] = str(path)
+        summary = _summary(load, flow, landed, popularity, nightly, url_check)
+        summary["timeline"] = flow.timeline
+        summary["seconds"] = {
+            "total": round(time.monotonic() - started, 1),
+            "spark": round(spark_s, 1),
+        }
+        try:
+            _check(summary)
+        finally:
+            path = root / "summary.json"
+            path.write_text(json.dumps(summary, indent=2, default=str))
+            summary["summary_file"] = str(path)
+            summary["report_file"] = str(_publish_report(settings, summary, root))
     return summary
+
+
+def _publish_report(settings: Settings, summary: dict[str, Any], root: Path) -> Path:
+    """Write the HTML report next to the summary and to the bucket."""
+    import boto3
+
+    page = render_report(summary)
+    path = root / "report.html"
+    path.write_text(page)
+    boto3.client("s3", **settings.boto3_kwargs()).put_object(
+        Bucket=settings.bucket,
+        Key=layout.REPORT_KEY,
+        Body=page.encode(),
+        ContentType="text/html; charset=utf-8",
+    )
+    return path
 
 
 def _fetch_user_document(settings: Settings, nightly: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +276,8 @@ def render(summary: dict[str, Any]) -> str:
         f" source {url['source']}):",
         f"    {url['url']}",
         "",
-        f"  checks passed; {summary['seconds']['total']} s in all. Summary: "
-        f"{summary.get('summary_file')}",
+        f"  checks passed; {summary['seconds']['total']} s in all.",
+        f"  summary: {summary.get('summary_file')}",
+        f"  report:  {summary.get('report_file')}",
     ]
     return "\n".join(lines)

@@ -67,6 +67,8 @@ class FlowCounts:
     bids_inserted: int = 0
     auctions_closed: int = 0
     last_lag_bytes: int | None = None
+    #: (seconds since the replay began, bids inserted, records landed), one per loop.
+    timeline: list[dict[str, float]] = field(default_factory=list)
 
     def add_capture(self, summary: dict[str, Any]) -> None:
         self.capture_runs += 1
@@ -155,12 +157,19 @@ def replay_live(
     """Insert the planned bids in a thread while the capture and landing run on a loop."""
     counts = FlowCounts()
     failure: list[BaseException] = []
+    inserted = [0]
+    started = time.monotonic()
+
+    def progress(count: int) -> None:
+        inserted[0] += count
+        if on_progress:
+            on_progress(count)
 
     def insert() -> None:
         conn = psycopg2.connect(settings.require_dsn())
         try:
             counts.bids_inserted = replayer.insert_bids(
-                conn, load.bids, per_transaction, pause_s, on_progress
+                conn, load.bids, per_transaction, pause_s, progress
             )
             counts.auctions_closed = replayer.close_auctions(conn, anchor)
         except BaseException as exc:  # reported in the caller's thread
@@ -173,10 +182,24 @@ def replay_live(
     while producer.is_alive():
         counts.add_capture(capture_once(settings))
         counts.add_landing(land_once(settings))
+        counts.timeline.append(
+            {
+                "t": round(time.monotonic() - started, 2),
+                "inserted": inserted[0],
+                "landed": counts.landed,
+            }
+        )
         producer.join(interval_s)
     if failure:
         raise failure[0]
     drain(settings, counts)
+    counts.timeline.append(
+        {
+            "t": round(time.monotonic() - started, 2),
+            "inserted": inserted[0],
+            "landed": counts.landed,
+        }
+    )
     return counts
 
 

@@ -12,8 +12,9 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str = "", stream: TextIO | None = None,
-                 width: int = 30) -> None:
+    def __init__(
+        self, label: str, total: int, unit: str = "", stream: TextIO | None = None, width: int = 30
+    ) -> None:
         self.label = label
         self.total = max(total, 1)
         self.unit = unit
@@ -42,6 +43,8 @@ class Progress:
         filled = int(share * self.width)
         rate = self.done / max(time.monotonic() - self.started, 1e-6)
         bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"{prefix}{self.label:<10} [{bar}] {share:4.0%} {self.done:,}/"
-                          f"{self.total:,} {self.unit} ({rate:,.0f}/s){suffix}")
+        self.stream.write(
+            f"{prefix}{self.label:<10} [{bar}] {share:4.0%} {self.done:,}/"
+            f"{self.total:,} {self.unit} ({rate:,.0f}/s){suffix}"
+        )
         self.stream.flush()

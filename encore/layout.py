@@ -15,6 +15,7 @@ key                                                        written by
 ``recommendations/runs/<run_id>/users/<user_id>.json``     nightly job, one user's document
 ``recommendations/runs/<run_id>/batch.jsonl``              nightly job, all users (Personalize)
 ``recommendations/runs/<run_id>/manifest.json``            nightly job, model, counts, metrics
+``reports/latest.html``                                    the command line, the last run's report
 =========================================================  =========================
 
 A user's document is found by reading the pointer first; last night's run
@@ -35,6 +36,7 @@ POPULARITY_STATE_PREFIX = "state/popularity/events/"
 FEEDS_PREFIX = "feeds/popularity/"
 RECOMMENDATIONS_PREFIX = "recommendations/"
 RECOMMENDATIONS_POINTER = RECOMMENDATIONS_PREFIX + "current.json"
+REPORT_KEY = "reports/latest.html"
 
 
 def landing_key(arrival: datetime, name: str) -> str:

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+from cli.report import render_report
+
+SUMMARY = {
+    "export": {"bids_planned": 10, "rows_rejected": 1, "rejects_file": "/tmp/r.csv"},
+    "database": {"bids_inserted": 10},
+    "capture": {"changes_captured": 14},
+    "landing": {"bid_events": 10},
+    "popularity": {
+        "total_bids": 10,
+        "top10": [
+            {"rank": 1, "title": "Funko <Pop> & co", "trending_score": 2.5},
+            {"rank": 2, "title": "Card", "trending_score": 1.0},
+        ],
+    },
+    "recommendations": {
+        "interactions_read": 10,
+        "metrics": {
+            "als": {"precision_at_10": 0.2, "ndcg_at_10": 0.3},
+            "popularity": {"precision_at_10": 0.1, "ndcg_at_10": 0.15},
+        },
+    },
+    "timeline": [{"t": 0.0, "inserted": 0, "landed": 0}, {"t": 1.5, "inserted": 10, "landed": 14}],
+    "checks": {"passed": True, "problems": []},
+}
+
+
+class _Figures(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.svgs: list[str] = []
+        self.texts: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "svg":
+            self.svgs.append(dict(attrs)["aria-label"] or "")
+
+    def handle_data(self, data: str) -> None:
+        self.texts.append(data)
+
+
+def test_report_draws_every_plot_and_escapes_titles() -> None:
+    page = render_report(SUMMARY)
+    parser = _Figures()
+    parser.feed(page)
+
+    assert parser.svgs == [
+        "Bids at each stage",
+        "Bids inserted and events landed during the replay",
+        "Popularity leaders (trending score, live listings)",
+        "Evaluation on held-out bids: ALS against the popularity baseline",
+    ]
+    assert "Funko <Pop> & co" in "".join(parser.texts)
+    assert "<Pop>" not in page
+    assert "all checks passed" in page
