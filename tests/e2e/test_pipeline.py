@@ -60,7 +60,7 @@ def run_everything(settings: Settings, export: Path, rejects: Path, spark: Any) 
     }
 
 
-def test_pipeline_counts_agree_end_to_end_and_a_second_run_doubles_nothing(
+def test_pipeline_counts_agree_end_to_end_serves_a_user_and_a_rerun_doubles_nothing(
     fresh_database: Settings, export_slice: Path, tmp_path: Path, spark: Any
 ) -> None:
     settings = fresh_database
@@ -85,6 +85,15 @@ def test_pipeline_counts_agree_end_to_end_and_a_second_run_doubles_nothing(
     assert first["nightly"]["interactions_read"] == planned
     assert first["nightly"]["users"] == len({row.user_id for row in load.export.interactions})
 
+    from lambdas.presign.handler import presigned_url_for_user
+
+    user_id = next(iter(first["nightly"]["sample"]))
+    with urllib.request.urlopen(presigned_url_for_user(settings, user_id, 600)["url"]) as reply:
+        document = json.loads(reply.read())
+    assert (document["user_id"], document["run_id"]) == (user_id, first["nightly"]["run_id"])
+    listing_ids = [item["listing_id"] for item in document["items"]]
+    assert len(listing_ids) == len(set(listing_ids))
+
     second = run_everything(settings, export_slice, tmp_path / "rejects.csv", spark)
 
     assert second["flow"].bids_inserted == 0
@@ -94,22 +103,3 @@ def test_pipeline_counts_agree_end_to_end_and_a_second_run_doubles_nothing(
         assert second["popularity"][key] == first["popularity"][key], key
     assert second["nightly"]["interactions_read"] == planned
     assert second["nightly"]["users"] == first["nightly"]["users"]
-
-
-def test_a_users_document_is_served_through_a_presigned_url(
-    fresh_database: Settings, export_slice: Path, tmp_path: Path, spark: Any
-) -> None:
-    from lambdas.presign.handler import presigned_url_for_user
-
-    settings = fresh_database
-    outcome = run_everything(settings, export_slice, tmp_path / "rejects.csv", spark)
-    user_id = next(iter(outcome["nightly"]["sample"]))
-
-    reply = presigned_url_for_user(settings, user_id, 600)
-    with urllib.request.urlopen(reply["url"], timeout=10) as response:
-        document = json.loads(response.read())
-
-    assert document["user_id"] == user_id
-    assert document["run_id"] == outcome["nightly"]["run_id"]
-    listing_ids = [item["listing_id"] for item in document["items"]]
-    assert len(listing_ids) == len(set(listing_ids))
