@@ -107,6 +107,11 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
         "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
         "spark.sql.session.timeZone": "UTC",
         "spark.driver.memory": "2g",
+        # Broadcast joins otherwise hold pages of tens of MB each and a second job in the
+        # same session runs out of heap.
+        "spark.buffer.pageSize": "1m",
+        # Workers run this interpreter (with numpy and boto3), not the first python3 on PATH.
+        "spark.pyspark.python": sys.executable,
         "spark.driver.extraJavaOptions": f"-Dlog4j.configurationFile={LOG_CONFIG}",
         "spark.sql.streaming.forceDeleteTempCheckpointLocation": "true",
         "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",

@@ -165,8 +165,8 @@ def _document_key(settings: Settings, s3: Any, user_id: str) -> tuple[str, str]:
         except ValueError:
             return layout.global_feed_key(), "popular-global"
         try:
-            s3.head_object(Bucket=settings.bucket, Key=key)
-            return key, "recommendations"
+            head = s3.head_object(Bucket=settings.bucket, Key=key)
+            return key, head.get("Metadata", {}).get("source", "recommendations")
         except ClientError as exc:
             if exc.response["Error"]["Code"] not in {"404", "NoSuchKey", "NotFound"}:
                 raise

@@ -15,16 +15,16 @@ updates. On top of that, the cases the job must get right:
   closing updates would sort before the inserts they close;
 * a listing still ``live`` whose ``ends_at`` has passed.
 
-Test modules import the fixtures from here (``from
-tests.integration.conftest_recommend import ...``).
+``test_recommend.py`` imports the fixtures from here; the services (moto,
+Spark) come from ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
 import csv
 import random
+import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -36,17 +36,17 @@ import pytest
 
 from encore import events, layout
 from encore.settings import Settings
+from infra.provision import provision
 
 EXPORT = Path(__file__).resolve().parents[3] / "shared" / "data" / "encore" / "user_interaction.csv"
-BID_LOG = (
-    Path(__file__).resolve().parents[3] / "shared" / "data" / "ebay_auctions" / "auction.csv"
-)
+BID_LOG = Path(__file__).resolve().parents[3] / "shared" / "data" / "ebay_auctions" / "auction.csv"
 ANCHOR = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 RUN_NOW = ANCHOR + timedelta(minutes=5)
 FIRST_LISTING_ID = 10_000_000_000
 BIG_BIDDERS = ("18446744073709551615", "9223372036854775807")
 SINGLE_BIDDER = "single-bid-user"
 CENT = Decimal("0.01")
+DUPLICATED = 300
 
 
 @dataclass
@@ -141,8 +141,13 @@ def build_marketplace(seed: int = 7) -> Marketplace:
             bids.append((at, listing_ids[key], Decimal("5.00"), bidder, item))
     single_key = next(k for k in keys if k[:3] == popular_item)
     bids.append(
-        (windows[single_key][0] + timedelta(minutes=1), listing_ids[single_key], Decimal("3.00"),
-         SINGLE_BIDDER, popular_item)
+        (
+            windows[single_key][0] + timedelta(minutes=1),
+            listing_ids[single_key],
+            Decimal("3.00"),
+            SINGLE_BIDDER,
+            popular_item,
+        )
     )
     bids.sort()
 
@@ -153,21 +158,47 @@ def build_marketplace(seed: int = 7) -> Marketplace:
     by_listing: dict[str, list[tuple[Decimal, datetime, str, str]]] = defaultdict(list)
     for number, (at, listing_id, amount, bidder, _item) in enumerate(bids, start=1):
         market.clock = at
-        market.add({"event_type": "bid", "op": "insert", "listing_id": listing_id,
-                    "bid_id": number, "bidder_id": bidder, "amount": amount, "placed_at": at.isoformat()})
+        market.add(
+            {
+                "event_type": "bid",
+                "op": "insert",
+                "listing_id": listing_id,
+                "bid_id": number,
+                "bidder_id": bidder,
+                "amount": amount,
+                "placed_at": at.isoformat(),
+            }
+        )
         market.bid_inserts += 1
         by_listing[listing_id].append((amount, at, str(number), bidder))
 
     market.clock = ANCHOR - timedelta(minutes=10)
     deleted = len(bids) + 1
-    market.add({"event_type": "bid", "op": "insert", "listing_id": listing_ids[keys[0]],
-                "bid_id": deleted, "bidder_id": SINGLE_BIDDER, "amount": "1.00",
-                "placed_at": market.clock.isoformat()})
-    market.add({"event_type": "bid", "op": "delete", "listing_id": listing_ids[keys[0]],
-                "bid_id": deleted})
-    market.add({"event_type": "bid", "op": "insert", "listing_id": listing_ids[keys[0]],
-                "bid_id": deleted + 1, "bidder_id": None, "amount": "2.00",
-                "placed_at": market.clock.isoformat()})
+    market.add(
+        {
+            "event_type": "bid",
+            "op": "insert",
+            "listing_id": listing_ids[keys[0]],
+            "bid_id": deleted,
+            "bidder_id": SINGLE_BIDDER,
+            "amount": "1.00",
+            "placed_at": market.clock.isoformat(),
+        }
+    )
+    market.add(
+        {"event_type": "bid", "op": "delete", "listing_id": listing_ids[keys[0]], "bid_id": deleted}
+    )
+    market.add(
+        {
+            "event_type": "bid",
+            "op": "insert",
+            "listing_id": listing_ids[keys[0]],
+            "bid_id": deleted + 1,
+            "bidder_id": None,
+            "amount": "2.00",
+            "placed_at": market.clock.isoformat(),
+        }
+    )
     market.bid_inserts += 2
 
     # Closing updates land with LSN high half 0x10: as text, "10/..." < "9/...".
@@ -189,18 +220,38 @@ def build_marketplace(seed: int = 7) -> Marketplace:
         listing_id = str(FIRST_LISTING_ID + 100_000 + number)
         seller = keen[item][1]
         market.sellers[listing_id] = seller
-        _list(market, listing_id, (*item, Decimal("1.00")), "live",
-              ANCHOR + timedelta(days=2, minutes=number), seller=seller)
+        _list(
+            market,
+            listing_id,
+            (*item, Decimal("1.00")),
+            "live",
+            ANCHOR + timedelta(days=2, minutes=number),
+            seller=seller,
+        )
 
     # Live by status, but its auction is over by the time of the run.
     stale = str(FIRST_LISTING_ID + 200_000)
     market.stale_live_listing = stale
-    _list(market, stale, (*popular_item, Decimal("1.00")), "live", ANCHOR - timedelta(hours=1),
-          seller=None)
+    _list(
+        market,
+        stale,
+        (*popular_item, Decimal("1.00")),
+        "live",
+        ANCHOR - timedelta(hours=1),
+        seller=None,
+    )
     for number in range(20):
-        market.add({"event_type": "bid", "op": "insert", "listing_id": stale,
-                    "bid_id": 900_000 + number, "bidder_id": keen[popular_item][1],
-                    "amount": f"{number + 2}.00", "placed_at": ANCHOR.isoformat()})
+        market.add(
+            {
+                "event_type": "bid",
+                "op": "insert",
+                "listing_id": stale,
+                "bid_id": 900_000 + number,
+                "bidder_id": keen[popular_item][1],
+                "amount": f"{number + 2}.00",
+                "placed_at": ANCHOR.isoformat(),
+            }
+        )
         market.bid_inserts += 1
     return market
 
@@ -216,14 +267,29 @@ def _list(
 ) -> None:
     category, sub_category, title, price = key
     market.listings[listing_id] = {
-        "category": category, "sub_category": sub_category, "title": title, "status": status,
-        "seller_id": seller, "ends_at": ends_at,
+        "category": category,
+        "sub_category": sub_category,
+        "title": title,
+        "status": status,
+        "seller_id": seller,
+        "ends_at": ends_at,
+        "price": price,
     }
-    market.add({
-        "event_type": "listing", "op": op, "listing_id": listing_id, "seller_id": seller,
-        "title": title, "category": category, "sub_category": sub_category, "price": price,
-        "status": status, "ends_at": ends_at.isoformat(), "description": f"{title}\nas listed",
-    })
+    market.add(
+        {
+            "event_type": "listing",
+            "op": op,
+            "listing_id": listing_id,
+            "seller_id": seller,
+            "title": title,
+            "category": category,
+            "sub_category": sub_category,
+            "price": price,
+            "status": status,
+            "ends_at": ends_at.isoformat(),
+            "description": f'{title}\nas listed, "mint", boxed',
+        }
+    )
 
 
 def land(settings: Settings, lines: list[bytes], files: int, hour: datetime, tag: str) -> None:
@@ -237,24 +303,22 @@ def land(settings: Settings, lines: list[bytes], files: int, hour: datetime, tag
             s3.put_object(Bucket=settings.bucket, Key=key, Body=b"".join(chunk))
 
 
-@pytest.fixture(scope="module")
-def marketplace() -> Marketplace:
+@pytest.fixture(scope="module", name="marketplace")
+def marketplace_fixture() -> Marketplace:
     return build_marketplace()
 
 
-@pytest.fixture(scope="module")
-def recommend_bucket(base_settings: Settings) -> Iterator[Settings]:
-    """A bucket of the module's own, with the marketplace's events landed (some twice)."""
-    import uuid
-
-    from infra.provision import provision
-
+@pytest.fixture(scope="module", name="recommend_settings")
+def recommend_settings_fixture(base_settings: Settings, marketplace: Marketplace) -> Settings:
+    """A bucket of the module's own with the marketplace's events landed, a slice twice."""
     suffix = uuid.uuid4().hex[:8]
     settings = base_settings.replace(
         bucket=f"encore-recs-{suffix}",
         stream_name=f"encore-recs-{suffix}",
         delivery_stream_name=f"encore-recs-{suffix}",
-        als_iterations=8,
+        als_iterations=5,
     )
     provision(settings)
-    yield settings
+    land(settings, marketplace.lines, files=12, hour=ANCHOR, tag="events")
+    land(settings, marketplace.lines[:DUPLICATED], files=1, hour=ANCHOR, tag="redelivered")
+    return settings

@@ -1,0 +1,238 @@
+"""Read the landed change events and rebuild bids and listing states from them.
+
+Everything the nightly job knows comes from the CSV files Firehose lands
+under ``landing/`` (the contract is :mod:`encore.events`). Delivery is at
+least once, so the same event may be landed twice: events are de-duplicated
+by ``event_id`` before anything is counted.
+
+Ordering
+--------
+Changes are ordered by their commit position. An LSN is written ``X/X`` in
+hex, so ``"A/0"`` sorts after ``"10/0"`` as text although it comes first:
+both halves are compared as numbers, then the commit time. Two changes of
+one row inside one transaction share their commit LSN; between them a
+delete wins over an update, and a closed status (``sold``, ``ended``) over
+``live``, because a listing never reopens.
+
+* A **bid** is the latest state of a bid row (insert, then any updates) that
+  was not later deleted.
+* A **listing state** is the latest listing event per ``listing_id``; its
+  title, category and price come from the latest event that is not a delete
+  (a delete carries only the key), and a deleted listing has status
+  ``deleted``.
+
+Rows that break the contract (no event id, an unknown type or operation, an
+LSN that is not one) and bids without a bidder or a known listing are not
+used; each kind is counted in :attr:`Landed.counts` and logged at warning.
+
+Limitations: the streaming job quarantines unparseable rows with their
+reason; this job only counts them. Every night reads the whole landing
+prefix again: there is no compaction of old events yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pyspark.errors import AnalysisException
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from encore import events, layout
+
+logger = logging.getLogger(__name__)
+
+LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
+CLOSED_STATUSES = ("sold", "ended")
+
+
+class LandingError(RuntimeError):
+    """The landed events cannot be read; the message says where and what to do."""
+
+
+@dataclass
+class Landed:
+    """What the landing prefix says about bids and listings, with the counts of what was not used.
+
+    ``bids``: bid_key, listing_id, bidder_id, amount, placed_at, commit_time.
+    ``listings``: listing_id, seller_id, title, category, sub_category, price,
+    status, ends_at. ``events`` are the de-duplicated events both derive from,
+    cached: call :meth:`release` when done, or the next read of the same
+    prefix is answered from this cache and misses newly landed files.
+    """
+
+    events: DataFrame
+    bids: DataFrame
+    listings: DataFrame
+    counts: dict[str, int]
+    first_event_at: datetime
+    last_event_at: datetime
+
+    def release(self) -> None:
+        self.events.unpersist()
+
+
+def landing_uri(base_uri: str) -> str:
+    return f"{base_uri.rstrip('/')}/{layout.LANDING_PREFIX}"
+
+
+def read_events(spark: SparkSession, base_uri: str) -> DataFrame:
+    """Every landed CSV file under ``landing/``, read with the contract's schema."""
+    path = landing_uri(base_uri)
+    try:
+        return spark.read.csv(
+            path,
+            schema=events.spark_ddl(),
+            header=False,
+            multiLine=True,
+            escape='"',
+            recursiveFileLookup=True,
+            mode="PERMISSIVE",
+        )
+    except AnalysisException as exc:
+        raise LandingError(
+            f"no landed events under {path}: run the capture and the landing first"
+        ) from exc
+
+
+def load_landed(spark: SparkSession, base_uri: str) -> Landed:
+    """Read, check and de-duplicate the landed events; rebuild bids and listings."""
+    raw = read_events(spark, base_uri).withColumn("_valid", _is_valid())
+    unique = raw.filter("_valid").drop("_valid").dropDuplicates(["event_id"]).cache()
+
+    totals = raw.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(F.when(~F.col("_valid"), 1).otherwise(0)).alias("malformed"),
+    ).first()
+    summary = unique.agg(
+        F.count(F.lit(1)).alias("events"),
+        F.sum(_when_bid_op("insert")).alias("bid_inserts"),
+        F.sum(F.when(F.col("event_type") == "bid", 1).otherwise(0)).alias("bid_events"),
+        F.min("commit_time").alias("first"),
+        F.max("commit_time").alias("last"),
+    ).first()
+    if totals is None or summary is None or not summary["events"]:
+        raise LandingError(f"no valid events under {landing_uri(base_uri)}")
+
+    listings = listing_states(unique)
+    bids, bid_counts = _usable_bids(latest_bids(unique), listings)
+    counts = {
+        "rows_read": int(totals["rows"]),
+        "malformed_rows": int(totals["malformed"] or 0),
+        "events": int(summary["events"]),
+        "duplicates_removed": int(totals["rows"] - totals["malformed"] - summary["events"]),
+        "bid_events": int(summary["bid_events"] or 0),
+        "bid_insert_events": int(summary["bid_inserts"] or 0),
+        **bid_counts,
+    }
+    for name in ("malformed_rows", "bids_without_bidder", "bids_without_listing"):
+        if counts[name]:
+            logger.warning("%s: %d not used for recommendations", name, counts[name])
+    logger.info("landed events read: %s", counts)
+    return Landed(unique, bids, listings, counts, summary["first"], summary["last"])
+
+
+def _is_valid() -> Column:
+    return (
+        F.col("event_id").isNotNull()
+        & F.col("event_type").isin(*events.EVENT_TYPES)
+        & F.col("op").isin(*events.OPERATIONS)
+        & F.coalesce(F.col("commit_lsn").rlike(LSN_PATTERN), F.lit(False))
+        & F.col("commit_time").isNotNull()
+    )
+
+
+def _when_bid_op(op: str) -> Column:
+    return F.when((F.col("event_type") == "bid") & (F.col("op") == op), 1).otherwise(0)
+
+
+def lsn_order() -> list[Column]:
+    """Newest change first: commit LSN (both halves as numbers), commit time, then tie-breaks."""
+    halves = F.split(F.col("commit_lsn"), "/")
+    return [
+        F.conv(halves[0], 16, 10).cast("long").desc(),
+        F.conv(halves[1], 16, 10).cast("long").desc(),
+        F.col("commit_time").desc(),
+        F.when(F.col("op") == "delete", 1).otherwise(0).desc(),
+        F.when(F.col("status").isin(*CLOSED_STATUSES), 1).otherwise(0).desc(),
+        F.col("event_id").desc(),
+    ]
+
+
+def _latest(frame: DataFrame, key: str | Column) -> DataFrame:
+    newest_first = Window.partitionBy(key).orderBy(*lsn_order())
+    return frame.withColumn("_n", F.row_number().over(newest_first)).filter("_n = 1").drop("_n")
+
+
+def listing_states(unique: DataFrame) -> DataFrame:
+    """The latest state of every listing (see the module docstring)."""
+    listing_events = unique.filter(
+        (F.col("event_type") == "listing") & F.col("listing_id").isNotNull()
+    )
+    latest = _latest(listing_events, "listing_id").select(
+        "listing_id", F.col("op").alias("last_op"), F.col("status").alias("last_status")
+    )
+    attributes = _latest(listing_events.filter(F.col("op") != "delete"), "listing_id").select(
+        "listing_id",
+        "seller_id",
+        F.trim("title").alias("title"),
+        F.coalesce(F.trim("category"), F.lit("")).alias("category"),
+        F.coalesce(F.trim("sub_category"), F.lit("")).alias("sub_category"),
+        "price",
+        "ends_at",
+    )
+    status = F.when(F.col("last_op") == "delete", F.lit("deleted")).otherwise(F.col("last_status"))
+    return latest.join(attributes, "listing_id", "left").select(
+        "listing_id",
+        "seller_id",
+        "title",
+        "category",
+        "sub_category",
+        "price",
+        status.alias("status"),
+        "ends_at",
+    )
+
+
+def latest_bids(unique: DataFrame) -> DataFrame:
+    """Bids as they stand: the latest event per bid row, deletes removed."""
+    bid_events = unique.filter(F.col("event_type") == "bid").withColumn(
+        "bid_key", F.coalesce("bid_id", "table_key")
+    )
+    return (
+        _latest(bid_events, "bid_key")
+        .filter(F.col("op") != "delete")
+        .select(
+            "bid_key",
+            "listing_id",
+            F.when(F.col("bidder_id") != "", F.col("bidder_id")).alias("bidder_id"),
+            F.coalesce("amount", F.lit(0)).cast("decimal(18,2)").alias("amount"),
+            "placed_at",
+            "commit_time",
+        )
+    )
+
+
+def _usable_bids(bids: DataFrame, listings: DataFrame) -> tuple[DataFrame, dict[str, int]]:
+    """Bids with a bidder and a listing whose title is known, and how many were not."""
+    titled = listings.filter(F.col("title").isNotNull()).select(
+        "listing_id", F.lit(True).alias("_known")
+    )
+    checked = bids.join(titled, "listing_id", "left")
+    row: Any = checked.agg(
+        F.count(F.lit(1)).alias("bids"),
+        F.sum(F.when(F.col("bidder_id").isNull(), 1).otherwise(0)).alias("no_bidder"),
+        F.sum(
+            F.when(F.col("bidder_id").isNotNull() & F.col("_known").isNull(), 1).otherwise(0)
+        ).alias("no_listing"),
+    ).first()
+    usable = checked.filter(F.col("bidder_id").isNotNull() & F.col("_known")).drop("_known")
+    counts = {
+        "bids": int(row["bids"]),
+        "bids_without_bidder": int(row["no_bidder"] or 0),
+        "bids_without_listing": int(row["no_listing"] or 0),
+    }
+    return usable, counts

@@ -1,0 +1,362 @@
+"""The nightly recommendation job: landed bids in, one published run of recommendations out.
+
+Steps of :func:`run_nightly`:
+
+1. read and de-duplicate the landed events; rebuild bids and listing states
+   (:mod:`batch.landing`);
+2. turn bids into (user, item) confidences and number users and items for
+   ALS (:mod:`batch.interactions`);
+3. evaluate on held-out interactions against a popularity baseline, with a
+   small tuning search on a validation part of the training data; a failure
+   to evaluate fails the run (:mod:`batch.evaluation`);
+4. fit ALS on every interaction with the chosen parameters and rank the
+   live listings for every user, with popularity for the users the model
+   cannot serve (:mod:`batch.model`, :mod:`batch.ranking`);
+5. write the documents, the batch file and the manifest under the run's
+   prefix, then switch the pointer (:mod:`batch.publish`).
+
+On EMR::
+
+    spark-submit --py-files encore.zip batch/recommend.py --bucket B --scheme s3
+
+where ``encore.zip`` holds the ``encore`` and ``batch`` packages. Settings
+(region, ALS parameters, weights) come from the environment
+(:mod:`encore.settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pyspark.ml.recommendation import ALSModel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from batch import evaluation, landing, model, publish, ranking
+from batch.evaluation import EvaluationError, evaluate_bid_log
+from batch.interactions import ITEM_COLUMNS, dense_index, interactions, item_bids
+from batch.landing import LandingError
+from batch.model import AlsParams
+from encore import layout
+from encore.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["evaluate_bid_log", "main", "run_nightly"]
+
+MIN_ALS_INTERACTIONS = 2
+SAMPLE_USERS = 3
+
+
+def run_nightly(
+    spark: SparkSession,
+    base_uri: str,
+    settings: Settings,
+    *,
+    run_id: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Compute and publish tonight's recommendations; return the run's summary.
+
+    ``base_uri`` is ``s3a://<bucket>`` locally and ``s3://<bucket>`` on EMR.
+    ``now`` (default: the wall clock) decides which listings are still open
+    and stamps the documents; ``run_id`` defaults to ``now`` as
+    ``YYYYMMDDTHHMMSSZ``.
+    """
+    started = time.monotonic()
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    run_id = run_id or now.strftime("%Y%m%dT%H%M%SZ")
+    bucket = publish.bucket_of(base_uri)
+    logger.info("nightly run %s: reading %s", run_id, landing.landing_uri(base_uri))
+
+    landed = landing.load_landed(spark, base_uri)
+    cached: list[DataFrame] = []
+    try:
+        tables = _tables(landed, settings, cached)
+        scores = evaluation.evaluate(tables.indexed, AlsParams.from_settings(settings))
+        params = AlsParams(**scores["params"])
+        fitted = model.fit(tables.indexed, params)
+
+        live = _cache(cached, ranking.live_listings(landed.listings, landed.bids, now))
+        documents = _cache(cached, _documents(fitted, tables, landed, live, settings, cached))
+        counts = _counts(landed.counts, tables, live, documents)
+        sample = _sample(documents)
+
+        generated_at = _iso(now)
+        manifest = _manifest(run_id, generated_at, params, settings, landed, counts, scores)
+        manifest["model"]["spark_version"] = spark.version
+        _publish(documents, manifest, settings, bucket, run_id, generated_at)
+    finally:
+        for frame in cached:
+            frame.unpersist()
+        landed.release()
+
+    summary = {
+        "run_id": run_id,
+        "interactions_read": counts["bid_insert_events"],
+        **{
+            name: counts[name]
+            for name in ("users", "users_als", "users_fallback", "items", "live_listings")
+        },
+        "metrics": manifest["metrics"],
+        "evaluation": manifest["evaluation"],
+        "params": params.as_dict(),
+        "counts": counts,
+        "manifest": layout.manifest_key(run_id),
+        "sample": sample,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    logger.info(
+        "nightly run %s published: %d users (%d ALS, %d popularity), %d live listings, %.1f s",
+        run_id,
+        summary["users"],
+        summary["users_als"],
+        summary["users_fallback"],
+        summary["live_listings"],
+        summary["seconds"],
+    )
+    return summary
+
+
+@dataclass
+class Tables:
+    """The night's working tables, all cached.
+
+    ``bids``: usable bids with their items; ``pairs``: one row per (user,
+    item) with its confidence; ``users`` and ``items``: the dense ids;
+    ``indexed``: ``pairs`` in ALS's terms (``user_idx``, ``item_idx``,
+    ``confidence``, ``at``).
+    """
+
+    bids: DataFrame
+    pairs: DataFrame
+    users: DataFrame
+    items: DataFrame
+    indexed: DataFrame
+
+
+def _cache(cached: list[DataFrame], frame: DataFrame) -> DataFrame:
+    cached.append(frame.cache())
+    return frame
+
+
+def _tables(landed: landing.Landed, settings: Settings, cached: list[DataFrame]) -> Tables:
+    bids = _cache(cached, item_bids(landed.bids, landed.listings))
+    pairs = _cache(cached, interactions(bids, settings, landed.last_event_at))
+    users = _cache(cached, dense_index(pairs, ["user_id"], "user_idx"))
+    items = _cache(cached, dense_index(pairs, ITEM_COLUMNS, "item_idx"))
+    indexed = _cache(
+        cached,
+        pairs.join(users, "user_id")
+        .join(items, list(ITEM_COLUMNS))
+        .select("user_idx", "item_idx", "confidence", F.col("first_bid_at").alias("at")),
+    )
+    if indexed.limit(1).count() == 0:
+        raise EvaluationError("no usable bids: nothing to learn from or evaluate")
+    return Tables(bids, pairs, users, items, indexed)
+
+
+def _documents(
+    fitted: ALSModel,
+    tables: Tables,
+    landed: landing.Landed,
+    live: DataFrame,
+    settings: Settings,
+    cached: list[DataFrame],
+) -> DataFrame:
+    """One row per user: ``user_id``, ``source``, ``items`` (best first)."""
+    size = settings.recs_per_user
+    depth = size * ranking.CANDIDATE_FACTOR
+    won = ranking.won_items(tables.bids, landed.listings)
+
+    per_user = tables.pairs.groupBy("user_id").agg(F.count(F.lit(1)).alias("_items"))
+    eligible = tables.users.join(
+        per_user.filter(F.col("_items") >= MIN_ALS_INTERACTIONS).select("user_id"), "user_id"
+    )
+    # Cached: both the lists and the choice of who falls back read it.
+    als_picks = _cache(
+        cached,
+        ranking.pick(
+            ranking.als_candidates(fitted, eligible, tables.items, live, depth), won, size
+        ),
+    )
+
+    fallback_users = tables.users.select("user_id").join(
+        als_picks.select("user_id").distinct(), "user_id", "left_anti"
+    )
+    user_categories = tables.pairs.select("user_id", "category").distinct()
+    popular_picks = ranking.pick(
+        ranking.popularity_candidates(fallback_users, user_categories, live, depth), won, size
+    )
+
+    entry = F.struct(
+        "position", "listing_id", "title", "category", "sub_category", "price", "score"
+    )
+    lists = (
+        als_picks.unionByName(popular_picks)
+        .groupBy("user_id")
+        .agg(
+            ranking.source_column().alias("source"),
+            F.transform(
+                F.array_sort(F.collect_list(entry)), lambda e: e.dropFields("position")
+            ).alias("items"),
+        )
+    )
+    return (
+        tables.users.select("user_id")
+        .join(lists, "user_id", "left")
+        .select(
+            "user_id",
+            F.coalesce("source", F.lit(ranking.SOURCE_GLOBAL)).alias("source"),
+            F.coalesce("items", F.array().cast(lists.schema["items"].dataType)).alias("items"),
+        )
+    )
+
+
+def _publish(
+    documents: DataFrame,
+    manifest: dict[str, Any],
+    settings: Settings,
+    bucket: str,
+    run_id: str,
+    generated_at: str,
+) -> None:
+    """Documents, batch file and manifest under the run's prefix; the pointer last."""
+    s3 = publish.s3_client(settings)
+    written = publish.write_user_documents(documents, settings, bucket, run_id, generated_at)
+    manifest["counts"]["documents_written"] = written["written"]
+    manifest["counts"]["documents_skipped"] = written["skipped"]
+    publish.write_batch_output(s3, documents, bucket, run_id)
+    publish.put_json(s3, bucket, layout.manifest_key(run_id), manifest)
+    publish.switch_pointer(s3, bucket, run_id, _iso(datetime.now(UTC)))
+
+
+def _counts(
+    landed: dict[str, int], tables: Tables, live: DataFrame, documents: DataFrame
+) -> dict[str, int]:
+    sources = (ranking.SOURCE_ALS, ranking.SOURCE_CATEGORY, ranking.SOURCE_GLOBAL)
+    row: Any = documents.agg(
+        F.count(F.lit(1)).alias("users"),
+        *(F.sum((F.col("source") == source).cast("int")).alias(source) for source in sources),
+        F.sum((F.size("items") == 0).cast("int")).alias("empty"),
+    ).first()
+    by_source = {source: int(row[source] or 0) for source in sources}
+    empty = int(row["empty"] or 0)
+    counts = {
+        **landed,
+        "interactions": tables.pairs.count(),
+        "users": int(row["users"]),
+        "users_als": by_source[ranking.SOURCE_ALS],
+        "users_fallback": int(row["users"]) - by_source[ranking.SOURCE_ALS],
+        "users_popular_category": by_source[ranking.SOURCE_CATEGORY],
+        "users_popular_global": by_source[ranking.SOURCE_GLOBAL],
+        "users_without_items": empty,
+        "items": tables.items.count(),
+        "live_listings": live.count(),
+    }
+    if empty:
+        logger.warning("%d users got an empty list: no live listing is left for them", empty)
+    return counts
+
+
+def _sample(documents: DataFrame) -> dict[str, list[str]]:
+    """Titles for a few users in user id order: users with ALS lists first, empty lists last."""
+    rows = (
+        documents.orderBy(F.size("items") == 0, F.col("source") != ranking.SOURCE_ALS, "user_id")
+        .limit(SAMPLE_USERS)
+        .collect()
+    )
+    return {row["user_id"]: [item["title"] for item in row["items"]] for row in rows}
+
+
+def _manifest(
+    run_id: str,
+    generated_at: str,
+    params: AlsParams,
+    settings: Settings,
+    landed: landing.Landed,
+    counts: dict[str, int],
+    scores: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "schema_version": publish.DOCUMENT_SCHEMA_VERSION,
+        "run_id": run_id,
+        "generated_at": generated_at,
+        "model": {
+            "version": f"als-{run_id}",
+            "algorithm": "spark.ml ALS, implicit preferences",
+            "params": params.as_dict(),
+            "confidence": {
+                "weight_bid_count": settings.weight_bid_count,
+                "weight_amount": settings.weight_amount,
+                "recency_half_life_days": settings.recency_half_life_days,
+            },
+            "recs_per_user": settings.recs_per_user,
+        },
+        "data_window": {
+            "first_event_at": _iso(landed.first_event_at),
+            "last_event_at": _iso(landed.last_event_at),
+            "recency_as_of": _iso(landed.last_event_at),
+        },
+        "counts": counts,
+        "metrics": {"als": scores["als"], "popularity": scores["popularity"]},
+        "evaluation": {
+            name: value for name, value in scores.items() if name not in {"als", "popularity"}
+        },
+        "outputs": {
+            "users": layout.run_prefix(run_id) + "users/",
+            "batch": layout.batch_output_key(run_id),
+        },
+    }
+
+
+def _iso(moment: datetime) -> str:
+    """ISO-8601 UTC; a naive time (as Spark returns them) is read as the local time zone."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``spark-submit batch/recommend.py --bucket B [--scheme s3]``: one nightly run."""
+    parser = argparse.ArgumentParser(description="Compute and publish tonight's recommendations.")
+    parser.add_argument("--bucket", help="the pipeline's bucket (default: ENCORE_BUCKET)")
+    parser.add_argument(
+        "--scheme",
+        choices=("s3", "s3a"),
+        default="s3a",
+        help="s3 on EMR, s3a elsewhere (default: s3a)",
+    )
+    parser.add_argument("--run-id", help="default: the start time, YYYYMMDDTHHMMSSZ")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    try:
+        settings = Settings.load()
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        return 2
+    bucket = args.bucket or settings.bucket
+    spark = (
+        SparkSession.builder.appName("encore-recommend")
+        .config("spark.sql.session.timeZone", "UTC")
+        .getOrCreate()
+    )
+    try:
+        summary = run_nightly(spark, f"{args.scheme}://{bucket}", settings, run_id=args.run_id)
+    except (LandingError, EvaluationError, publish.PublishError) as exc:
+        logger.error("nightly run failed: %s", exc)
+        return 1
+    finally:
+        spark.stop()
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

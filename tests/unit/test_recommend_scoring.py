@@ -1,0 +1,56 @@
+"""Scoring users against item factors, one block at a time, without Spark."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from batch import evaluation, model
+from batch.model import AlsParams
+
+ITEMS = np.array([3, 5, 8, 13], dtype=np.int64)
+FACTORS = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+
+
+def score(rows: list[tuple], k: int, exclusions: bool = False) -> list[tuple]:
+    return list(model._score_block(rows, ITEMS, FACTORS, k, exclusions))
+
+
+def test_best_items_come_first_with_positions_from_one() -> None:
+    assert score([(1, [2.0, 1.0])], k=3) == [(1, 8, 3.0, 1), (1, 3, 2.0, 2), (1, 13, 1.5, 3)]
+
+
+def test_equal_scores_go_to_the_lower_item_id() -> None:
+    assert [row[1] for row in score([(1, [1.0, 1.0])], k=4)] == [8, 3, 5, 13]
+
+
+def test_excluded_items_are_never_returned_even_when_k_asks_for_more() -> None:
+    rows = score([(1, [2.0, 1.0], [8, 3, 99])], k=4, exclusions=True)
+
+    assert [(row[1], row[3]) for row in rows] == [(13, 1), (5, 2)]
+
+
+def test_scores_that_are_not_numbers_are_dropped() -> None:
+    rows = score([(1, [float("nan"), 1.0]), (2, [0.0, 1.0])], k=2)
+
+    assert [row[0] for row in rows] == [2, 2]
+    assert all(np.isfinite(row[2]) for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        (AlsParams(16, 0.1, 10.0, 10, 42), 4),  # already in the grid
+        (AlsParams(12, 0.05, 10.0, 10, 42), 5),  # tried first, beside the grid
+    ],
+)
+def test_tuning_tries_the_configured_pair_first_then_the_grid(
+    base: AlsParams, expected: int
+) -> None:
+    candidates = evaluation._candidates(base)
+
+    assert candidates[0] == base
+    assert len(candidates) == len(set(candidates)) == expected
+    assert {replace(c, rank=base.rank, reg=base.reg) for c in candidates} == {base}
