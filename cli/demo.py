@@ -86,6 +86,13 @@ def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
 
             nightly = run_nightly(spark, base_uri, settings)
             say(f"recommendations: run {nightly['run_id']} for {nightly['users']} users")
+
+            from batch.evaluation import evaluate_bid_log
+
+            bid_log = export_path.parent.parent / "ebay_auctions" / "auction.csv"
+            if bid_log.exists():
+                nightly["metrics_bid_log"] = evaluate_bid_log(spark, str(bid_log), settings)
+                say(f"evaluated the same model on the eBay bid log ({bid_log})")
         finally:
             spark.stop()
         spark_s = time.monotonic() - spark_started

@@ -94,11 +94,13 @@ def render_report(summary: dict[str, Any]) -> str:
         for item in popularity["top10"]
     ]
     metric_rows = []
-    for model, values in (recs.get("metrics") or {}).items():
-        if isinstance(values, dict):
-            for name, value in values.items():
-                if isinstance(value, int | float):
-                    metric_rows.append((f"{model} {name}", float(value)))
+    bid_log = (recs.get("metrics_bid_log") or {}).get("metrics") or {}
+    for data, metrics in (("export", recs.get("metrics") or {}), ("eBay", bid_log)):
+        for model, values in metrics.items():
+            if isinstance(values, dict):
+                for name, value in values.items():
+                    if isinstance(value, int | float):
+                        metric_rows.append((f"{data} {model} {name}", float(value)))
     checks = summary.get("checks", {})
     verdict = "all checks passed" if checks.get("passed") else "; ".join(checks.get("problems", []))
     body = "".join(

@@ -36,7 +36,15 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 #: What the python3.11 Lambda runtime provides besides the standard library.
-LAMBDA_RUNTIME_PACKAGES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "urllib3")
+LAMBDA_RUNTIME_PACKAGES = (
+    "boto3",
+    "botocore",
+    "s3transfer",
+    "jmespath",
+    "dateutil",
+    "urllib3",
+    "six",
+)
 PROJECT_PACKAGES = {"encore", "lambdas", "spark_streaming", "batch"}
 REGION = "us-east-1"
 STACK = "encore-test"
@@ -154,7 +162,11 @@ def test_lambda_bundle_imports_on_its_own(
     for name in LAMBDA_RUNTIME_PACKAGES:
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin is not None
-        (runtime / name).symlink_to(Path(spec.origin).parent)
+        origin = Path(spec.origin)
+        if origin.name == "__init__.py":
+            (runtime / name).symlink_to(origin.parent)
+        else:  # a single-module distribution such as six
+            (runtime / origin.name).symlink_to(origin)
 
     modules = project_modules(artifacts[bundle].paths[0]) + third_party
     report = import_isolated(modules, handler, unzipped, runtime, cwd=tmp_path)
