@@ -25,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import capture_bench, landing_bench, popularity_bench
+from bench import capture_bench, landing_bench, nightly_bench, popularity_bench, traffic
 from cli.pipeline import prepare_database
 from cli.stack import use_local_credentials
 from encore.settings import Settings
@@ -33,6 +33,7 @@ from infra.provision import provision
 from local.services import LocalPostgres, MotoServer, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _figure(values: list[float], unit: str) -> dict[str, Any]:
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--landing-events", type=int, default=50_000)
     parser.add_argument("--freshness-samples", type=int, default=20)
     parser.add_argument("--stream-events", type=int, default=50_000)
+    parser.add_argument("--nightly-users", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -177,6 +179,16 @@ def _measure(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     figures["popularity.plain_count_rows_per_s_per_core"] = _figure(
         [run["count_rows_per_s_per_core"] for run in stream_runs], "rows/s/core"
     )
+
+    shape = traffic.learn_shape(DATA)
+    nights = _repeat(
+        args.repeat,
+        lambda: nightly_bench.measure(spark, _fresh(base), shape, args.nightly_users, args.seed),
+    )
+    figures["nightly.users"] = _figure([night["users"] for night in nights], "users")
+    figures["nightly.bids"] = _figure([night["bids"] for night in nights], "bids")
+    for name in ("wall_s", "fit_score_s", "implicit_fit_score_s"):
+        figures[f"nightly.{name}"] = _figure([night[name] for night in nights], "s")
     return figures
 
 

@@ -24,6 +24,10 @@ FIGURES = (
     "popularity.freshness_p95_s",
     "popularity.events_per_s_per_core",
     "popularity.plain_count_rows_per_s_per_core",
+    "nightly.users",
+    "nightly.wall_s",
+    "nightly.fit_score_s",
+    "nightly.implicit_fit_score_s",
 )
 
 
@@ -33,7 +37,8 @@ def test_bench_command_writes_every_figure_with_its_reference(
     # The shared endpoint and Spark session: a session fixes its s3a endpoint when created.
     argv = [
         "--changes", "300", "--backlog", "400", "--landing-events", "200",
-        "--freshness-samples", "2", "--stream-events", "200", "--repeat", "1",
+        "--freshness-samples", "2", "--stream-events", "200", "--nightly-users", "300",
+        "--repeat", "1",
         "--out", str(tmp_path), "--aws-endpoint-url", str(base_settings.aws_endpoint_url),
         "--postgres-dsn", postgres.dsn,
     ]  # fmt: skip

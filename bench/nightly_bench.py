@@ -1,0 +1,159 @@
+"""The nightly job at scale: wall time on synthetic traffic, and ALS against ``implicit``.
+
+Synthetic traffic (``bench.traffic``) is landed in S3 as contract events,
+straight into ``landing/`` (the capture is measured on its own). Then:
+
+* ``wall_s``: the whole nightly job, read to publish, as the command line runs it
+  (evaluation and tuning included);
+* ``fit_score_s``: Spark ALS fitting the night's user x title matrix and scoring
+  every user's top 10 (``batch.model``);
+* ``implicit_fit_score_s``: the reference, in the same run: the ``implicit``
+  library fitting the same matrix with the same rank, regularisation and
+  iterations, and recommending 10 items to every user.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Any
+
+import boto3
+import numpy as np
+
+from bench.traffic import DAY, Shape, Traffic, generate
+from encore import events, layout
+from encore.settings import Settings
+
+EVENTS_PER_FILE = 100_000
+
+
+def land_traffic(settings: Settings, shape: Shape, traffic: Traffic) -> int:
+    """Write listing and bid insert events as landed CSV files; return the bid count."""
+    s3 = boto3.client("s3", **settings.boto3_kwargs())
+    start = traffic.start.timestamp()
+
+    def stamp(seconds: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + seconds)) + ".000000Z"
+
+    rows: list[list[str]] = []
+    for number, listing_id in enumerate(traffic.listing_ids):
+        category, sub_category, title = shape.titles[traffic.listing_titles[number]]
+        row = dict.fromkeys(events.COLUMNS, "")
+        row.update(
+            schema_version="1",
+            event_id=f"l{listing_id:x}",
+            event_type="listing",
+            op="insert",
+            commit_lsn="0/1",
+            commit_time=stamp(traffic.listing_starts[number]),
+            table_key=str(listing_id),
+            listing_id=str(listing_id),
+            title=title,
+            category=category,
+            sub_category=sub_category,
+            price="1.00",
+            status="live",
+            ends_at=stamp(traffic.listing_ends[number] + 86_400),
+        )
+        rows.append([row[name] for name in events.COLUMNS])
+    for number in range(traffic.bids):
+        row = dict.fromkeys(events.COLUMNS, "")
+        listing_id = traffic.listing_ids[traffic.bid_listing[number]]
+        cents = int(traffic.bid_amount_cents[number])
+        row.update(
+            schema_version="1",
+            event_id=f"b{number:x}",
+            event_type="bid",
+            op="insert",
+            commit_lsn=f"1/{number:X}",
+            commit_time=stamp(traffic.bid_seconds[number]),
+            table_key=str(number),
+            listing_id=str(listing_id),
+            bid_id=str(number),
+            bidder_id=traffic.user_ids[traffic.bid_user[number]],
+            amount=f"{cents // 100}.{cents % 100:02d}",
+            placed_at=stamp(traffic.bid_seconds[number]),
+        )
+        rows.append([row[name] for name in events.COLUMNS])
+
+    for part, begin in enumerate(range(0, len(rows), EVENTS_PER_FILE)):
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows[begin : begin + EVENTS_PER_FILE])
+        key = layout.landing_key(traffic.start, f"bench-{part:04d}")
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=buffer.getvalue().encode())
+    return traffic.bids
+
+
+def confidence_matrix(traffic: Traffic) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, title, bid count) triples: the matrix both libraries fit."""
+    pairs = (
+        traffic.bid_user.astype(np.int64) * (2**32) + traffic.listing_titles[traffic.bid_listing]
+    )
+    unique, counts = np.unique(pairs, return_counts=True)
+    return (unique // 2**32).astype(np.int32), (unique % 2**32).astype(np.int32), counts
+
+
+def spark_fit_score(spark: Any, traffic: Traffic, settings: Settings) -> float:
+    from batch.model import AlsParams, fit, top_k
+
+    users, items, counts = confidence_matrix(traffic)
+    frame = spark.createDataFrame(
+        list(zip(users.tolist(), items.tolist(), counts.astype(float).tolist(), strict=True)),
+        "user_idx INT, item_idx INT, confidence DOUBLE",
+    ).cache()
+    frame.count()
+    started = time.perf_counter()
+    model = fit(frame, AlsParams.from_settings(settings))
+    scored = top_k(
+        model.userFactors.withColumnRenamed("id", "user_idx"),
+        model.itemFactors.withColumnRenamed("id", "item_idx"),
+        10,
+    )
+    scored.count()
+    elapsed = time.perf_counter() - started
+    frame.unpersist()
+    return elapsed
+
+
+def implicit_fit_score(traffic: Traffic, settings: Settings) -> float:
+    from implicit.cpu.als import AlternatingLeastSquares
+    from scipy.sparse import csr_matrix
+    from threadpoolctl import threadpool_limits
+
+    users, items, counts = confidence_matrix(traffic)
+    matrix = csr_matrix((counts.astype(np.float32) * settings.als_alpha, (users, items)))
+    # implicit parallelises itself; a BLAS thread pool underneath it only contends.
+    with threadpool_limits(1, "blas"):
+        started = time.perf_counter()
+        model = AlternatingLeastSquares(
+            factors=settings.als_rank,
+            regularization=settings.als_reg,
+            iterations=settings.als_iterations,
+            random_state=settings.als_seed,
+        )
+        model.fit(matrix, show_progress=False)
+        model.recommend(np.arange(matrix.shape[0]), matrix, N=10, filter_already_liked_items=False)
+        return time.perf_counter() - started
+
+
+def measure(spark: Any, settings: Settings, shape: Shape, users: int, seed: int) -> dict[str, Any]:
+    from batch.recommend import run_nightly
+
+    traffic = generate(shape, users, seed)
+    started = time.perf_counter()
+    bids = land_traffic(settings, shape, traffic)
+    land_s = time.perf_counter() - started
+    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+    started = time.perf_counter()
+    summary = run_nightly(spark, base_uri, settings, now=traffic.start + DAY)
+    wall_s = time.perf_counter() - started
+    return {
+        "users": summary["users"],
+        "bids": bids,
+        "land_s": land_s,
+        "wall_s": wall_s,
+        "fit_score_s": spark_fit_score(spark, traffic, settings),
+        "implicit_fit_score_s": implicit_fit_score(traffic, settings),
+    }
