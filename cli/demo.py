@@ -39,6 +39,8 @@ class CheckFailed(RuntimeError):
 
 def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
     root = state_dir()
+    for leftover in ("summary.json", "report.html"):
+        (root / leftover).unlink(missing_ok=True)
     started = time.monotonic()
     anchor = datetime.now(UTC).replace(microsecond=0)
     with local_stack(root) as stack:
@@ -233,6 +235,13 @@ def _check(summary: dict[str, Any]) -> None:
         raise CheckFailed("; ".join(problems))
 
 
+def _bid_log_metrics(recs: dict[str, Any]) -> dict[str, Any] | None:
+    evaluated = recs.get("metrics_bid_log") or {}
+    if "als" not in evaluated:
+        return None
+    return {"als": evaluated["als"], "popularity": evaluated["popularity"]}
+
+
 def render(summary: dict[str, Any]) -> str:
     export, capture, landing = summary["export"], summary["capture"], summary["landing"]
     popularity, recs = summary["popularity"], summary["recommendations"]
@@ -245,8 +254,8 @@ def render(summary: dict[str, Any]) -> str:
         f"{export['bid_amount_total']} in amounts",
         f"  capture            {capture['changes_captured']} changes in {capture['runs']} runs, "
         f"{capture['dead_lettered']} dead-lettered, slot lag {capture['slot_lag_bytes']} bytes",
-        f"  landing            {landing['bid_events']} bid events landed "
-        f"({landing['distinct_events']})",
+        f"  landing            {landing['bid_events']} bid events landed, "
+        f"{sum(landing['distinct_events'].values())} events in all",
         f"  popularity         {popularity['total_bids']} bids, {popularity['total_amount']} "
         f"counted",
         f"  nightly job        {recs['interactions_read']} interactions read, "

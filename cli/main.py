@@ -1,4 +1,4 @@
-"""``encore``: the command line of the Encore pipeline.
+"""encore: the command line of the Encore pipeline.
 
 Exit codes: 0 success; 1 the pipeline ran but a check failed; 2 an expected
 error (a service unreachable, a bad setting, a missing file, no stack up),
@@ -63,14 +63,36 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    from cli.operate import StackDown
-    from local.services import ServiceError
-
     try:
         return COMMANDS[args.command](args)
-    except (SettingsError, ConnectionError, FileNotFoundError, ServiceError, StackDown) as exc:
+    except _expected_errors() as exc:
         print(f"encore {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except UnicodeDecodeError as exc:
+        print(f"encore {args.command}: a file is not UTF-8 text ({exc})", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Errors with a message that says what to do: printed as one line, exit code 2."""
+    from batch.evaluation import EvaluationError
+    from batch.landing import LandingError
+    from cli.operate import StackDown
+    from local.services import ServiceError
+    from producers.loader import ExportError
+    from spark_streaming.popularity import PopularityError
+
+    return (
+        SettingsError,
+        ConnectionError,
+        FileNotFoundError,
+        ServiceError,
+        StackDown,
+        ExportError,
+        LandingError,
+        PopularityError,
+        EvaluationError,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -80,7 +102,8 @@ def _demo(args: argparse.Namespace) -> int:
     if not export.exists():
         raise FileNotFoundError(f"no export at {export}: pass --export PATH")
     try:
-        summary = demo.run_demo(export, say=lambda line: print(line, flush=True))
+        progress = sys.stderr if args.json else sys.stdout
+        summary = demo.run_demo(export, say=lambda line: print(line, file=progress, flush=True))
     except demo.CheckFailed as exc:
         print(f"encore demo: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED

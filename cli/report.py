@@ -28,13 +28,18 @@ def _bars(title: str, rows: list[tuple[str, float]], unit: str = "") -> str:
         length = (WIDTH - label_width - 90) * value / top
         parts.append(
             f'<text x="{label_width - 8}" y="{y + 15}" text-anchor="end">'
-            f"{html.escape(label[:40])}</text>"
+            f"{html.escape(label[:48])}</text>"
             f'<rect x="{label_width}" y="{y}" width="{length:.1f}" height="{BAR_HEIGHT}" '
             f'fill="{PALETTE[number % len(PALETTE)]}"/>'
-            f'<text x="{label_width + length + 6:.1f}" y="{y + 15}">{value:,.3g}{unit}</text>'
+            f'<text x="{label_width + length + 6:.1f}" y="{y + 15}">{_number(value)}{unit}</text>'
         )
     parts.append("</svg>")
     return f"<figure><figcaption>{html.escape(title)}</figcaption>{''.join(parts)}</figure>"
+
+
+def _number(value: float) -> str:
+    """Counts exactly (7,948), fractions to three significant digits."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.3g}"
 
 
 def _lines(title: str, series: dict[str, list[tuple[float, float]]], x_unit: str) -> str:
@@ -94,7 +99,8 @@ def render_report(summary: dict[str, Any]) -> str:
         for item in popularity["top10"]
     ]
     metric_rows = []
-    bid_log = (recs.get("metrics_bid_log") or {}).get("metrics") or {}
+    evaluated = recs.get("metrics_bid_log") or {}
+    bid_log = {model: evaluated[model] for model in ("als", "popularity") if model in evaluated}
     for data, metrics in (("export", recs.get("metrics") or {}), ("eBay", bid_log)):
         for model, values in metrics.items():
             if isinstance(values, dict):

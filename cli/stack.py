@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from encore.settings import Settings
 from infra.provision import provision
-from local.services import LocalPostgres, MotoServer, free_port, port_open
+from local.services import LocalPostgres, MotoServer, ServiceError, free_port, port_open
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ def start_stack(
     """
     root = root or state_dir()
     use_local_credentials()
-    if fresh and (root / "postgres").exists():
-        shutil.rmtree(root / "postgres")
+    if (root / STACK_FILE).exists():
+        raise ServiceError("a stack started by `encore up` is running: stop it with `encore down`")
 
     external = os.environ.get("AWS_ENDPOINT_URL")
     moto: MotoServer | None = None
@@ -87,6 +87,14 @@ def start_stack(
     else:
         moto = MotoServer(root / "moto", endpoint_port or DEFAULT_ENDPOINT_PORT)
         endpoint_url = moto.endpoint_url
+        if port_open(moto.port):
+            raise ServiceError(
+                f"127.0.0.1:{moto.port} is already in use; stop what listens there "
+                "or set AWS_ENDPOINT_URL to use it"
+            )
+    # Only now, with nothing else in the way, is the old database thrown away.
+    if fresh and (root / "postgres").exists():
+        shutil.rmtree(root / "postgres")
 
     postgres = None
     dsn = os.environ.get("ENCORE_DATABASE_DSN")

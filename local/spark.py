@@ -93,6 +93,12 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
     if home:
         os.environ["JAVA_HOME"] = home
 
+    # Python workers import the jobs' modules: let them find the checkout from any folder.
+    project = str(Path(__file__).resolve().parent.parent)
+    paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    if project not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([project, *paths])
+
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(settings.spark_master).appName(app_name)

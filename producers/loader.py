@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -54,6 +55,17 @@ REQUIRED = (
     "bid_count",
     "bid_total",
 )
+#: The export's own column names, for messages.
+EXPORT_NAMES = {
+    "user_id": "uid",
+    "user_name": "userName",
+    "category": "catagory",
+    "sub_category": "sub_catagory",
+    "title": "product",
+    "price": "listing_amount",
+    "bid_count": "counts",
+    "bid_total": "total_bid_amount",
+}
 FIRST_LISTING_ID = 10_000_000_000
 CENT = Decimal("0.01")
 
@@ -93,6 +105,7 @@ class Export:
     interactions: list[Interaction] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     rows_read: int = 0
+    header: tuple[str, ...] = ()
 
     @property
     def bid_count(self) -> int:
@@ -125,15 +138,28 @@ def parse_export(handle: TextIO, source: str = "<export>") -> Export:
     columns = [HEADER_NAMES.get(name.strip().lower(), name.strip().lower()) for name in header]
     missing = [name for name in REQUIRED if name not in columns]
     if missing:
-        raise ExportError(f"{source} line {header_line}: header lacks {missing!r}")
+        expected = ", ".join(EXPORT_NAMES[name] for name in missing)
+        raise ExportError(
+            f"{source} line {header_line}: the header lacks {expected} "
+            f"(the export's header is {', '.join(EXPORT_NAMES.values())})"
+        )
+    export.header = tuple(name.strip() for name in header)
+    # Reasons name the file's own columns, not this module's.
+    in_file = {
+        internal: original.strip() for internal, original in zip(columns, header, strict=True)
+    }
+    renamed = re.compile(r"\b(" + "|".join(REQUIRED) + r")\b")
 
     for line, fields in records:
         export.rows_read += 1
         try:
             row = _interaction(dict(zip(columns, fields, strict=False)), len(fields), len(columns))
         except ValueError as exc:
-            export.rejected.append(Rejected(line, str(exc), tuple(fields)))
-            logger.warning("%s line %d rejected: %s", source, line, exc)
+            reason = renamed.sub(
+                lambda match: in_file.get(match.group(1), match.group(1)), str(exc)
+            )
+            export.rejected.append(Rejected(line, reason, tuple(fields)))
+            logger.warning("%s line %d rejected: %s", source, line, reason)
             continue
         key = (row.user_id, *row.listing_key)
         earlier = merged.get(key)
@@ -225,11 +251,12 @@ def plan_listings(interactions: list[Interaction]) -> list[Listing]:
 
 
 def write_rejects(export: Export, path: Path) -> None:
-    """Write rejected rows as CSV: source, line, reason, then the row's fields."""
+    """Write rejected rows as CSV: source, line, reason, then the row's fields under the
+    export's own header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["source", "line", "reason", "fields"])
+        writer.writerow(["source", "line", "reason", *export.header])
         for reject in export.rejected:
             writer.writerow([export.source, reject.line, reject.reason, *reject.fields])
 

@@ -73,7 +73,7 @@ def test_pipeline_counts_agree_end_to_end_serves_a_user_and_a_rerun_doubles_noth
     lines = export_slice.read_bytes().count(b"\n")  # quoted newlines make some records longer
     assert [reject.line for reject in load.export.rejected] == [lines - 1, lines]
     rejects = (tmp_path / "rejects.csv").read_text().splitlines()
-    assert len(rejects) == 3 and "user_id is empty" in rejects[1] and "not a number" in rejects[2]
+    assert len(rejects) == 3 and "uid is empty" in rejects[1] and "not a number" in rejects[2]
 
     assert flow.bids_inserted == planned == len(load.bids)
     assert first["landed"]["bid.insert"] == planned

@@ -39,16 +39,16 @@ def test_loader_reads_a_newline_inside_a_quoted_field_and_numbers_lines_by_recor
     assert export.interactions[0].sub_category == "Designer Toys"
     (reject,) = export.rejected
     assert reject.line == 4  # header is line 1; the first record spans lines 2 and 3
-    assert reject.reason == "user_id is empty"
+    assert reject.reason == "uid is empty"  # named as in the file
 
 
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ('"u1","a","Toys","Funko","T","1","2","ten"', "bid_total 'ten' is not a number"),
-        ('"u1","a","Toys","Funko","T","1","two","10"', "bid_count 'two' is not a whole number"),
+        ('"u1","a","Toys","Funko","T","1","2","ten"', "total_bid_amount 'ten' is not a number"),
+        ('"u1","a","Toys","Funko","T","1","two","10"', "counts 'two' is not a whole number"),
         ('"u1","a","Toys","Funko","T","1","3","0.02"', "cannot be split into 3 positive bids"),
-        ('"u1","a","Toys","Funko","T","NaN","1","5"', "price 'NaN' is not finite"),
+        ('"u1","a","Toys","Funko","T","NaN","1","5"', "listing_amount 'NaN' is not finite"),
         ('"u1","a","Toys","Funko","T","1","1"', "has 7 fields, expected 8"),
     ],
 )
@@ -74,7 +74,7 @@ def test_loader_merges_rows_that_are_equal_after_trimming() -> None:
 
 
 def test_loader_refuses_an_export_without_the_expected_header() -> None:
-    with pytest.raises(ExportError, match="header lacks"):
+    with pytest.raises(ExportError, match="header lacks uid, userName"):
         parse_export(io.StringIO('"a","b"\n"1","2"\n'), source="bad.csv")
 
 
