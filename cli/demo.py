@@ -203,6 +203,7 @@ def _summary(
                 "users_fallback",
                 "live_listings",
                 "metrics",
+                "metrics_bid_log",
                 "sample",
             )
         },
@@ -273,10 +274,15 @@ def render(summary: dict[str, Any]) -> str:
     lines.append("  recommendations for three users")
     for user_id, titles in list((recs.get("sample") or {}).items())[:3]:
         lines.append(f"    {user_id}: " + "; ".join(str(title) for title in titles[:3]))
-    metrics = recs.get("metrics") or {}
-    if metrics:
+    evaluations = (
+        ("the export", recs.get("metrics")),
+        ("the eBay bid log", _bid_log_metrics(recs)),
+    )
+    for data, metrics in evaluations:
+        if not metrics:
+            continue
         lines.append("")
-        lines.append("  evaluation (held-out bids)")
+        lines.append(f"  evaluation on {data} (held-out bids)")
         for model, values in metrics.items():
             if isinstance(values, dict):
                 shown = ", ".join(
