@@ -13,6 +13,7 @@ the same landed rows.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from typing import Any
@@ -89,7 +90,8 @@ def measure_freshness(spark: Any, settings: Settings, samples: int) -> dict[str,
     return {
         "samples": latencies,
         "p50_s": latencies[len(latencies) // 2],
-        "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        # Nearest rank: with 20 samples the p95 is the 19th fastest.
+        "p95_s": latencies[math.ceil(0.95 * len(latencies)) - 1],
     }
 
 
