@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     root.chmod(0o755)
     postgres = None if args.postgres_dsn else LocalPostgres(root / "pg", free_port())
     moto = None if args.aws_endpoint_url else MotoServer(root / "moto", free_port())
+    figures: dict[str, Any] = {}
+    complete = False
     try:
         if moto is not None:
             moto.start()
@@ -107,14 +109,20 @@ def main(argv: list[str] | None = None) -> int:
             database_dsn=args.postgres_dsn or (postgres.dsn if postgres else None),
             spark_shuffle_partitions=2,
         )
-        figures = _measure(args, base)
+        _measure(args, base, figures)
+        complete = True
     finally:
         if moto is not None:
             moto.stop()
         if postgres is not None:
             postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
+        # Written even when a stage fails, so the stages before it keep their figures.
+        _write_report(args, figures, complete)
+    return 0
 
+
+def _write_report(args: argparse.Namespace, figures: dict[str, Any], complete: bool) -> None:
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seed": args.seed,
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "complete": complete,
         "figures": figures,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,12 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
     table = markdown(report)
     (args.out / "latest.md").write_text(table)
-    print(table)
-    return 0
+    print(table if complete else table + "\n(incomplete: a stage failed; see the error above)")
 
 
-def _measure(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
+def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) -> None:
+    """Fill ``figures`` stage by stage."""
     capture_runs = _repeat(args.repeat, lambda: capture_bench.measure(_fresh(base), args.changes))
     figures["capture.events_per_s"] = _figure(
         [run["events_per_s"] for run in capture_runs], "events/s"
@@ -189,7 +197,6 @@ def _measure(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     figures["nightly.bids"] = _figure([night["bids"] for night in nights], "bids")
     for name in ("wall_s", "fit_score_s", "implicit_fit_score_s"):
         figures[f"nightly.{name}"] = _figure([night[name] for night in nights], "s")
-    return figures
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -51,4 +51,5 @@ def test_bench_command_writes_every_figure_with_its_reference(
         assert set(figures[name]) >= {"value", "unit", "spread"}
     assert figures["capture.backlog_events"]["value"] == 401  # the backlog plus its listing
     assert {"machine", "versions", "seed"} <= set(report)
+    assert report["complete"] is True
     assert (tmp_path / "latest.md").read_text().startswith("| figure |")
