@@ -22,8 +22,8 @@ import psycopg2
 from encore.settings import Settings
 
 
-def insert_backlog(settings: Settings, changes: int) -> None:
-    conn = psycopg2.connect(settings.require_dsn())
+def seed_listing(conn: Any) -> None:
+    """User ``bench`` and live listing 1 (with its category) for the bids a benchmark places."""
     with conn, conn.cursor() as cursor:
         cursor.execute("INSERT INTO users VALUES ('bench', 'bench') ON CONFLICT DO NOTHING")
         cursor.execute("INSERT INTO categories VALUES (1, 'Toys') ON CONFLICT DO NOTHING")
@@ -32,6 +32,11 @@ def insert_backlog(settings: Settings, changes: int) -> None:
             "INSERT INTO listings (id, title, category_id, sub_category_id, price, ends_at)"
             " VALUES (1, 'bench', 1, 1, 1, now() + interval '1 day') ON CONFLICT DO NOTHING"
         )
+
+
+def insert_backlog(settings: Settings, changes: int) -> None:
+    conn = psycopg2.connect(settings.require_dsn())
+    seed_listing(conn)
     step = 50_000
     for start in range(0, changes, step):
         with conn, conn.cursor() as cursor:

@@ -22,7 +22,7 @@ import boto3
 import psycopg2
 from botocore.exceptions import ClientError
 
-from bench import landing_bench
+from bench import capture_bench, landing_bench
 from cli import pipeline
 from encore import layout
 from encore.settings import Settings
@@ -42,14 +42,7 @@ def measure_freshness(spark: Any, settings: Settings, samples: int) -> dict[str,
 
     settings = settings.replace(stream_trigger_s=0.5)
     conn = psycopg2.connect(settings.require_dsn())
-    with conn, conn.cursor() as cursor:
-        cursor.execute("INSERT INTO users VALUES ('fresh', 'fresh')")
-        cursor.execute("INSERT INTO categories VALUES (1, 'Toys')")
-        cursor.execute("INSERT INTO sub_categories VALUES (1, 1, 'Funko')")
-        cursor.execute(
-            "INSERT INTO listings (id, title, category_id, sub_category_id, price, ends_at)"
-            " VALUES (1, 'fresh', 1, 1, 1, now() + interval '1 day')"
-        )
+    capture_bench.seed_listing(conn)
     pipeline.drain(settings, pipeline.FlowCounts())
 
     base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
@@ -69,7 +62,7 @@ def measure_freshness(spark: Any, settings: Settings, samples: int) -> dict[str,
         for number in range(1, samples + 1):
             with conn, conn.cursor() as cursor:
                 cursor.execute(
-                    "INSERT INTO bids (listing_id, bidder_id, amount) VALUES (1, 'fresh', %s)",
+                    "INSERT INTO bids (listing_id, bidder_id, amount) VALUES (1, 'bench', %s)",
                     (number,),
                 )
             committed = time.monotonic()
