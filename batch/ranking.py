@@ -100,9 +100,37 @@ def als_candidates(
     return (
         scored.join(users, "user_idx")
         .join(items, "item_idx")
-        .join(live, list(ITEM_COLUMNS))
+        .join(soonest_listings(live), list(ITEM_COLUMNS))
         .select("user_id", *LISTING_COLUMNS, "listing_bids", "score", F.lit(TIER_ALS).alias("tier"))
     )
+
+
+def soonest_listings(live: DataFrame) -> DataFrame:
+    """Per item, the listings an ALS list can show: at most two, never more.
+
+    A list shows the soonest-ending live listing of an item, unless the user
+    is its seller; then the soonest-ending one of another seller. Keeping the
+    soonest listing and the soonest of a different seller covers both cases
+    for every user, so the candidates do not grow with the number of live
+    listings an item has (a popular title can have a thousand).
+    """
+    per_item = Window.partitionBy(*ITEM_COLUMNS).orderBy(*_soonest_order())
+    ranked = live.withColumn("_n", F.row_number().over(per_item))
+    first = ranked.filter("_n = 1").drop("_n")
+    first_sellers = first.select(*ITEM_COLUMNS, F.col("seller_id").alias("_first_seller"))
+    other = (
+        live.join(first_sellers, list(ITEM_COLUMNS))
+        .filter(~F.col("seller_id").eqNullSafe(F.col("_first_seller")))
+        .drop("_first_seller")
+        .withColumn("_n", F.row_number().over(per_item))
+        .filter("_n = 1")
+        .drop("_n")
+    )
+    return first.unionByName(other)
+
+
+def _soonest_order() -> list[Column]:
+    return [F.col("ends_at").asc_nulls_last(), F.col("listing_id")]
 
 
 def popularity_candidates(

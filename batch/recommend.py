@@ -76,23 +76,30 @@ def run_nightly(
     bucket = publish.bucket_of(base_uri)
     logger.info("nightly run %s: reading %s", run_id, landing.landing_uri(base_uri))
 
+    clock = _Clock()
     landed = landing.load_landed(spark, base_uri)
     cached: list[DataFrame] = []
     try:
         tables = _tables(landed, settings, cached)
+        clock.lap("read")
         scores = evaluation.evaluate(tables.indexed, AlsParams.from_settings(settings))
         params = AlsParams(**scores["params"])
+        clock.lap("evaluate")
         fitted = model.fit(tables.indexed, params)
+        clock.lap("fit")
 
         live = _cache(cached, ranking.live_listings(landed.listings, landed.bids, now))
         documents = _cache(cached, _documents(fitted, tables, landed, live, settings, cached))
         counts = _counts(landed.counts, tables, live, documents)
         sample = _sample(documents)
+        clock.lap("score")
 
         generated_at = _iso(now)
         manifest = _manifest(run_id, generated_at, params, settings, landed, counts, scores)
         manifest["model"]["spark_version"] = spark.version
+        manifest["stage_seconds"] = dict(clock.laps)
         _publish(documents, manifest, settings, bucket, run_id, generated_at)
+        clock.lap("publish")
     finally:
         for frame in cached:
             frame.unpersist()
@@ -112,6 +119,7 @@ def run_nightly(
         "manifest": layout.manifest_key(run_id),
         "sample": sample,
         "seconds": round(time.monotonic() - started, 1),
+        "stage_seconds": clock.laps,
     }
     logger.info(
         "nightly run %s published: %d users (%d ALS, %d popularity), %d live listings, %.1f s",
@@ -123,6 +131,24 @@ def run_nightly(
         summary["seconds"],
     )
     return summary
+
+
+class _Clock:
+    """Seconds spent in each stage of the run, in order.
+
+    Spark is lazy: each stage ends with an action (a count or a write), so the
+    time of a stage is the work it forced.
+    """
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+        logger.info("nightly stage %s: %.1f s", name, self.laps[name])
 
 
 @dataclass

@@ -154,6 +154,7 @@ def measure(spark: Any, settings: Settings, shape: Shape, users: int, seed: int)
         "bids": bids,
         "land_s": land_s,
         "wall_s": wall_s,
+        **{f"{stage}_s": seconds for stage, seconds in summary["stage_seconds"].items()},
         "fit_score_s": spark_fit_score(spark, traffic, settings),
         "implicit_fit_score_s": implicit_fit_score(traffic, settings),
     }

@@ -32,6 +32,7 @@ from encore.settings import Settings
 from infra.provision import provision
 from local.services import LocalPostgres, MotoServer, free_port
 
+STAGES = ("capture", "landing", "popularity", "nightly")
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -85,11 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-events", type=int, default=50_000)
     parser.add_argument("--nightly-users", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated stages to measure (default: all of {', '.join(STAGES)})",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--aws-endpoint-url", help="use this endpoint instead of starting moto")
     parser.add_argument("--postgres-dsn", help="use this server instead of starting one")
     args = parser.parse_args(argv)
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages: {', '.join(sorted(unknown))}")
 
     use_local_credentials()
     root = Path(tempfile.mkdtemp(prefix="encore-bench-"))
@@ -149,6 +158,23 @@ def _write_report(args: argparse.Namespace, figures: dict[str, Any], complete: b
 
 def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) -> None:
     """Fill ``figures`` stage by stage."""
+    stages = set(args.stages.split(","))
+    if "capture" in stages:
+        _measure_capture(args, base, figures)
+    if "landing" in stages:
+        _measure_landing(args, base, figures)
+    if not stages & {"popularity", "nightly"}:
+        return
+    from local.spark import local_session
+
+    spark = local_session(base, "encore-bench")
+    if "popularity" in stages:
+        _measure_popularity(args, base, figures, spark)
+    if "nightly" in stages:
+        _measure_nightly(args, base, figures, spark)
+
+
+def _measure_capture(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) -> None:
     capture_runs = _repeat(args.repeat, lambda: capture_bench.measure(_fresh(base), args.changes))
     figures["capture.events_per_s"] = _figure(
         [run["events_per_s"] for run in capture_runs], "events/s"
@@ -161,6 +187,8 @@ def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) 
     figures["capture.backlog_events"] = _figure([backlog["events"]], "events")
     figures["capture.backlog_invocations"] = _figure([backlog["runs"]], "invocations")
 
+
+def _measure_landing(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) -> None:
     landing_runs = _repeat(
         args.repeat, lambda: landing_bench.measure(_fresh(base), args.landing_events)
     )
@@ -171,9 +199,10 @@ def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) 
         [run["raw_events_per_s"] for run in landing_runs], "events/s"
     )
 
-    from local.spark import local_session
 
-    spark = local_session(base, "encore-bench")
+def _measure_popularity(
+    args: argparse.Namespace, base: Settings, figures: dict[str, Any], spark: Any
+) -> None:
     freshness = popularity_bench.measure_freshness(spark, _fresh(base), args.freshness_samples)
     figures["popularity.freshness_p50_s"] = _figure([freshness["p50_s"]], "s")
     figures["popularity.freshness_p95_s"] = _figure([freshness["p95_s"]], "s")
@@ -188,6 +217,10 @@ def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) 
         [run["count_rows_per_s_per_core"] for run in stream_runs], "rows/s/core"
     )
 
+
+def _measure_nightly(
+    args: argparse.Namespace, base: Settings, figures: dict[str, Any], spark: Any
+) -> None:
     shape = traffic.learn_shape(DATA)
     nights = _repeat(
         args.repeat,
@@ -195,8 +228,9 @@ def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) 
     )
     figures["nightly.users"] = _figure([night["users"] for night in nights], "users")
     figures["nightly.bids"] = _figure([night["bids"] for night in nights], "bids")
-    for name in ("wall_s", "fit_score_s", "implicit_fit_score_s"):
-        figures[f"nightly.{name}"] = _figure([night[name] for night in nights], "s")
+    for name in nights[0]:
+        if name.endswith("_s"):
+            figures[f"nightly.{name}"] = _figure([night[name] for night in nights], "s")
 
 
 def markdown(report: dict[str, Any]) -> str:

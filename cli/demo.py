@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import pipeline
-from cli.progress import Progress
+from cli.progress import Progress, ProgressFactory, counting
 from cli.report import render_report
 from cli.stack import local_stack, state_dir
 from encore import layout
@@ -37,7 +37,11 @@ class CheckFailed(RuntimeError):
     """The pipeline ran but its counts disagree."""
 
 
-def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
+def run_demo(
+    export_path: Path, say: Any = print, progress: ProgressFactory | None = Progress
+) -> dict[str, Any]:
+    """Run the pipeline on the export; ``say`` reports each stage's outcome and
+    ``progress`` makes the bars of the long ones (None: no bars)."""
     root = state_dir()
     for leftover in ("summary.json", "report.html"):
         (root / leftover).unlink(missing_ok=True)
@@ -52,7 +56,11 @@ def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
 
         pipeline.prepare_database(settings)
         load = pipeline.load_export(
-            settings, export_path, root / "rejects" / "user_interaction.rejects.csv", anchor
+            settings,
+            export_path,
+            root / "rejects" / "user_interaction.rejects.csv",
+            anchor,
+            progress=progress,
         )
         export = load.export
         say(
@@ -60,9 +68,10 @@ def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
             f" {len(load.listings)} listings, {len(load.bids)} bids to replay"
         )
 
-        bar = Progress("replay", len(load.bids), "bids")
-        flow = pipeline.replay_live(settings, load, anchor, pause_s=0.01, on_progress=bar.advance)
-        bar.finish()
+        with counting(progress, "replay", len(load.bids), "bids") as on_progress:
+            flow = pipeline.replay_live(
+                settings, load, anchor, pause_s=0.01, on_progress=on_progress
+            )
         landed = pipeline.landed_event_counts(settings)
         say(
             f"replayed {flow.bids_inserted} bids, closed {flow.auctions_closed} auctions; "
@@ -76,9 +85,7 @@ def run_demo(export_path: Path, say: Any = print) -> dict[str, Any]:
         spark = local_session(settings, "encore-demo")
         base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
         try:
-            from spark_streaming.popularity import run_popularity
-
-            popularity = run_popularity(spark, base_uri, settings, available_now=True)
+            popularity = pipeline.popularity_catch_up(spark, settings, progress)
             say(
                 f"popularity: {popularity['total_bids']} bids counted, "
                 f"{popularity['feeds_written']} feeds written"

@@ -157,15 +157,20 @@ def _capture(args: argparse.Namespace) -> int:
 
 def _land(args: argparse.Namespace) -> int:
     from cli import operate, pipeline
+    from cli.progress import Progress
 
-    _print(pipeline.land_once(operate.current().settings).__dict__)
+    settings = operate.current().settings
+    with Progress("land", None, "records") as bar:
+        landed = pipeline.land_once(settings, bar.advance)
+    _print(landed.__dict__)
     return EXIT_OK
 
 
 def _spark_job(args: argparse.Namespace) -> int:
     from cli import operate
+    from cli.progress import Progress
 
-    _print(operate.run_spark_job(operate.current().settings, args.command))
+    _print(operate.run_spark_job(operate.current().settings, args.command, Progress))
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ benchmarks drive the same code.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,15 +18,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import psycopg2
+from aws_kinesis_agg.deaggregator import iter_deaggregate_records
 
+from cli.progress import ProgressFactory, counting
 from encore import events, layout
 from encore.settings import Settings
 from lambdas.capture import handler as capture_handler
 from lambdas.capture.capture import prepare
-from local.firehose_bridge import BridgeResult, FirehoseBridge
+from local.firehose_bridge import BridgeResult, FirehoseBridge, user_record_bytes
 from producers import loader, replayer
 from producers.schema import migrate
 
@@ -93,22 +97,35 @@ def prepare_database(settings: Settings) -> None:
 
 
 def load_export(
-    settings: Settings, export_path: Path, rejects_path: Path, anchor: datetime, seed: int = 7
+    settings: Settings,
+    export_path: Path,
+    rejects_path: Path,
+    anchor: datetime,
+    seed: int = 7,
+    progress: ProgressFactory | None = None,
 ) -> LoadResult:
-    """Read the export, write its rejects, insert the catalogue and plan the bids."""
-    export = loader.read_export(export_path)
+    """Read the export, write its rejects, insert the catalogue and plan the bids.
+
+    ``progress`` makes a bar for reading the export (lines) and one for inserting
+    the catalogue (rows).
+    """
+    total_lines = loader.count_lines(export_path) if progress else None
+    with counting(progress, "export", total_lines, "lines") as on_progress:
+        export = loader.read_export(export_path, on_progress)
     loader.write_rejects(export, rejects_path)
     listings = loader.plan_listings(export.interactions)
     windows = replayer.plan_windows(listings, anchor, seed)
     bids = replayer.plan_bids(export.interactions, listings, windows, anchor, seed)
+    rows = loader.catalogue_rows(
+        export,
+        listings,
+        {listing_id: (w.starts_at, w.ends_at) for listing_id, w in windows.items()},
+    )
     conn = psycopg2.connect(settings.require_dsn())
     try:
-        loader.load_catalogue(
-            conn,
-            export,
-            listings,
-            {listing_id: (w.starts_at, w.ends_at) for listing_id, w in windows.items()},
-        )
+        total_rows = sum(len(values) for values in rows.values())
+        with counting(progress, "catalogue", total_rows, "rows") as on_progress:
+            loader.insert_catalogue(conn, rows, on_progress)
     finally:
         conn.close()
     return LoadResult(export, listings, bids, rejects_path)
@@ -121,8 +138,8 @@ def capture_once(settings: Settings) -> dict[str, Any]:
     return summary
 
 
-def land_once(settings: Settings) -> BridgeResult:
-    """One pass of the local Firehose stand-in."""
+def land_once(settings: Settings, on_progress: Callable[[int], None] | None = None) -> BridgeResult:
+    """One pass of the local Firehose stand-in; ``on_progress`` gets the records it moved."""
     kwargs = settings.boto3_kwargs()
     bridge = FirehoseBridge(
         boto3.client("kinesis", **kwargs),
@@ -132,7 +149,7 @@ def land_once(settings: Settings) -> BridgeResult:
         settings.delivery_stream_name,
         settings.bucket,
     )
-    return bridge.run_once()
+    return bridge.run_once(on_progress)
 
 
 def drain(settings: Settings, counts: FlowCounts) -> None:
@@ -205,13 +222,98 @@ def replay_live(
 
 def landed_event_counts(settings: Settings) -> dict[str, int]:
     """Distinct landed events by type, read back from the landing prefix."""
+    return event_counts(landed_events(settings))
+
+
+def landed_events(settings: Settings) -> dict[str, str]:
+    """Every distinct landed event: its id and its ``<type>.<op>``."""
     s3 = boto3.client("s3", **settings.boto3_kwargs())
     seen: dict[str, str] = {}
-    paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=settings.bucket, Prefix=layout.LANDING_PREFIX):
-        for item in page.get("Contents", []):
-            body = s3.get_object(Bucket=settings.bucket, Key=item["Key"])["Body"].read()
-            for event in events.decode(body.decode()):
-                seen[str(event["event_id"])] = f"{event['event_type']}.{event['op']}"
-    counted = Counter(seen.values())
-    return dict(sorted(counted.items()))
+    for key in _keys(s3, settings.bucket, layout.LANDING_PREFIX):
+        body = s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+        seen.update(_typed_ids(body))
+    return seen
+
+
+def stream_events(settings: Settings) -> dict[str, str]:
+    """Every distinct event the capture put to the Kinesis stream and the stream still
+    holds (its retention, 24 hours by default): its id and its ``<type>.<op>``."""
+    kinesis = boto3.client("kinesis", **settings.boto3_kwargs())
+    seen: dict[str, str] = {}
+    for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
+        iterator = kinesis.get_shard_iterator(
+            StreamName=settings.stream_name,
+            ShardId=shard["ShardId"],
+            ShardIteratorType="TRIM_HORIZON",
+        )["ShardIterator"]
+        while iterator:
+            page = kinesis.get_records(ShardIterator=iterator, Limit=1000)
+            for user in iter_deaggregate_records(page["Records"], data_format="Boto3"):
+                seen.update(_typed_ids(user_record_bytes(user["kinesis"])))
+            if not page["Records"] or page.get("MillisBehindLatest", 0) == 0:
+                break
+            iterator = page.get("NextShardIterator")
+    return seen
+
+
+def _typed_ids(body: bytes) -> dict[str, str]:
+    return {
+        str(event["event_id"]): f"{event['event_type']}.{event['op']}"
+        for event in events.decode(body.decode())
+    }
+
+
+def event_counts(typed_ids: dict[str, str]) -> dict[str, int]:
+    """How many events of each ``<type>.<op>``."""
+    return dict(sorted(Counter(typed_ids.values()).items()))
+
+
+def unread_landed_files(settings: Settings) -> int:
+    """Landed files the popularity job has not read yet: the size of its next catch-up.
+
+    Read from the job's checkpoint. Spark's file source logs the files of each batch
+    under ``sources/0/<batch>`` (folded into ``<batch>.compact`` every few batches):
+    a ``v1`` line, then one JSON object per file with its ``path`` and ``batchId``.
+    Batches commit in order and Spark deletes old commit files, so a batch's files
+    count as read when its id is at most the last committed one; a batch cut short
+    is run again with the same files.
+    """
+    s3 = boto3.client("s3", **settings.boto3_kwargs())
+    checkpoint = layout.POPULARITY_CHECKPOINT_PREFIX
+    commits = [key.rsplit("/", 1)[1] for key in _keys(s3, settings.bucket, checkpoint + "commits/")]
+    last_commit = max((int(name) for name in commits if name.isdigit()), default=-1)
+    read: set[str] = set()
+    for key in _keys(s3, settings.bucket, checkpoint + "sources/0/"):
+        body = s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read().decode()
+        for line in body.splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if entry["batchId"] <= last_commit:
+                    read.add(unquote(urlsplit(entry["path"]).path).lstrip("/"))
+    landed = _keys(s3, settings.bucket, layout.LANDING_PREFIX)
+    return sum(1 for key in landed if key not in read)
+
+
+def _keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def popularity_catch_up(
+    spark: Any,
+    settings: Settings,
+    progress: ProgressFactory | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Run the popularity job over everything landed and not yet read, then stop.
+
+    ``progress`` makes a bar of the landed files read, advanced batch by batch.
+    """
+    from spark_streaming.popularity import run_popularity
+
+    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+    total = unread_landed_files(settings) if progress else None
+    with counting(progress, "stream", total, "files") as on_batch:
+        return run_popularity(
+            spark, base_uri, settings, available_now=True, now=now, on_batch=on_batch
+        )

@@ -16,6 +16,8 @@ PALETTE = ("#3b6ea5", "#e07b39", "#5a9e6f", "#b5485d", "#7d6bb3", "#8c8c8c")
 
 def _bars(title: str, rows: list[tuple[str, float]], unit: str = "") -> str:
     """A horizontal bar chart as an SVG figure."""
+    if not rows:
+        return f"<p>{html.escape(title)}: nothing to show.</p>"
     top = max((value for _, value in rows), default=0) or 1
     label_width = 260
     height = len(rows) * (BAR_HEIGHT + GAP) + GAP

@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -63,17 +64,25 @@ class FirehoseBridge:
         self.delivery_stream_name = delivery_stream_name
         self.bucket = bucket
 
-    def run_once(self) -> BridgeResult:
-        """Move everything currently in the stream to S3."""
+    def run_once(self, on_progress: Callable[[int], None] | None = None) -> BridgeResult:
+        """Move everything currently in the stream to S3.
+
+        ``on_progress`` gets the user records handled (landed or set aside as errors),
+        page by page of each shard.
+        """
         result = BridgeResult()
         checkpoints = self._load_checkpoints()
         shards = self.kinesis.list_shards(StreamName=self.stream_name)["Shards"]
         for shard in shards:
-            self._drain_shard(shard["ShardId"], checkpoints, result)
+            self._drain_shard(shard["ShardId"], checkpoints, result, on_progress)
         return result
 
     def _drain_shard(
-        self, shard_id: str, checkpoints: dict[str, str], result: BridgeResult
+        self,
+        shard_id: str,
+        checkpoints: dict[str, str],
+        result: BridgeResult,
+        on_progress: Callable[[int], None] | None,
     ) -> None:
         after = checkpoints.get(shard_id)
         if after:
@@ -93,13 +102,15 @@ class FirehoseBridge:
                 break
             result.kinesis_records += len(records)
             lines = [
-                _user_record_bytes(user["kinesis"])
+                user_record_bytes(user["kinesis"])
                 for user in iter_deaggregate_records(records, data_format="Boto3")
             ]
             result.user_records += len(lines)
             self._deliver(lines, result)
             checkpoints[shard_id] = records[-1]["SequenceNumber"]
             self._save_checkpoints(checkpoints)
+            if on_progress:
+                on_progress(len(lines))
             if page.get("MillisBehindLatest", 0) == 0:
                 break
             iterator = page.get("NextShardIterator")
@@ -170,7 +181,7 @@ class FirehoseBridge:
         )
 
 
-def _user_record_bytes(record: dict[str, Any]) -> bytes:
+def user_record_bytes(record: dict[str, Any]) -> bytes:
     """The deaggregator hands back aggregated user records base64-encoded, others raw."""
     data: bytes = record["data"]
     return base64.b64decode(data) if record.get("aggregated") else data

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -68,6 +68,8 @@ EXPORT_NAMES = {
 }
 FIRST_LISTING_ID = 10_000_000_000
 CENT = Decimal("0.01")
+#: Catalogue rows per ``executemany``: the unit of the catalogue's progress.
+CATALOGUE_CHUNK = 1000
 
 
 class ExportError(ValueError):
@@ -121,15 +123,28 @@ class Listing:
     price: Decimal
 
 
-def read_export(path: Path | str) -> Export:
+def read_export(path: Path | str, on_progress: Callable[[int], None] | None = None) -> Export:
+    """Read the export at ``path``; ``on_progress`` gets the lines read, record by record."""
     with open(path, newline="", encoding="utf-8") as handle:
-        return parse_export(handle, source=str(path))
+        return parse_export(handle, source=str(path), on_progress=on_progress)
 
 
-def parse_export(handle: TextIO, source: str = "<export>") -> Export:
+def count_lines(path: Path | str) -> int:
+    """Lines in the file, as :func:`read_export` reports them: the size of its progress."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
+def parse_export(
+    handle: TextIO, source: str = "<export>", on_progress: Callable[[int], None] | None = None
+) -> Export:
     export = Export(source=source)
     merged: dict[tuple[str, str, str, str, Decimal], Interaction] = {}
-    records = _numbered_records(handle)
+    records = _numbered_records(handle, on_progress)
 
     try:
         header_line, header = next(records)
@@ -185,12 +200,16 @@ def parse_export(handle: TextIO, source: str = "<export>") -> Export:
     return export
 
 
-def _numbered_records(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
+def _numbered_records(
+    handle: TextIO, on_progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, list[str]]]:
     """Yield (line the record starts on, fields), skipping blank lines."""
     reader = csv.reader(handle)
     line_after = 0
     for fields in reader:
         start, line_after = line_after + 1, reader.line_num
+        if on_progress:
+            on_progress(line_after - start + 1)
         if fields and any(value.strip() for value in fields):
             yield start, fields
 
@@ -261,47 +280,60 @@ def write_rejects(export: Export, path: Path) -> None:
             writer.writerow([export.source, reject.line, reject.reason, *reject.fields])
 
 
-def load_catalogue(
-    conn: Any, export: Export, listings: list[Listing], windows: dict[int, Any]
-) -> None:
-    """Insert users, categories, sub-categories and listings; existing rows are kept.
-
-    ``windows`` maps a listing id to its (starts_at, ends_at).
-    """
+def catalogue_rows(
+    export: Export, listings: list[Listing], windows: dict[int, Any]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows to insert per table, parents first: users, categories, sub-categories
+    and listings. ``windows`` maps a listing id to its (starts_at, ends_at)."""
     users = sorted({(row.user_id, row.user_name) for row in export.interactions})
     categories = sorted({row.category for row in export.interactions})
     category_ids = {title: number for number, title in enumerate(categories, start=1)}
     sub_categories = sorted({(row.category, row.sub_category) for row in export.interactions})
     sub_category_ids = {key: number for number, key in enumerate(sub_categories, start=1)}
+    return {
+        "users": users,
+        "categories": [(number, title) for title, number in category_ids.items()],
+        "sub_categories": [
+            (number, category_ids[category], title)
+            for (category, title), number in sub_category_ids.items()
+        ],
+        "listings": [
+            (
+                listing.id,
+                listing.title,
+                category_ids[listing.category],
+                sub_category_ids[(listing.category, listing.sub_category)],
+                listing.price,
+                *windows[listing.id],
+            )
+            for listing in listings
+        ],
+    }
 
+
+_CATALOGUE_INSERTS = {
+    "users": "INSERT INTO users (id, user_name) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING",
+    "categories": "INSERT INTO categories (id, title) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING",
+    "sub_categories": "INSERT INTO sub_categories (id, category_id, title) VALUES (%s, %s, %s)"
+    " ON CONFLICT (id) DO NOTHING",
+    "listings": "INSERT INTO listings (id, title, category_id, sub_category_id, price, starts_at,"
+    " ends_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+}
+
+
+def insert_catalogue(
+    conn: Any,
+    rows: dict[str, list[tuple[Any, ...]]],
+    on_progress: Callable[[int], None] | None = None,
+) -> None:
+    """Insert :func:`catalogue_rows` in one transaction; existing rows are kept.
+
+    ``on_progress`` gets the rows sent, chunk by chunk.
+    """
     with conn, conn.cursor() as cursor:
-        cursor.executemany(
-            "INSERT INTO users (id, user_name) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING", users
-        )
-        cursor.executemany(
-            "INSERT INTO categories (id, title) VALUES (%s, %s) ON CONFLICT (id) DO NOTHING",
-            [(number, title) for title, number in category_ids.items()],
-        )
-        cursor.executemany(
-            "INSERT INTO sub_categories (id, category_id, title) VALUES (%s, %s, %s)"
-            " ON CONFLICT (id) DO NOTHING",
-            [
-                (number, category_ids[category], title)
-                for (category, title), number in sub_category_ids.items()
-            ],
-        )
-        cursor.executemany(
-            "INSERT INTO listings (id, title, category_id, sub_category_id, price, starts_at,"
-            " ends_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-            [
-                (
-                    listing.id,
-                    listing.title,
-                    category_ids[listing.category],
-                    sub_category_ids[(listing.category, listing.sub_category)],
-                    listing.price,
-                    *windows[listing.id],
-                )
-                for listing in listings
-            ],
-        )
+        for table, values in rows.items():
+            for start in range(0, len(values), CATALOGUE_CHUNK):
+                chunk = values[start : start + CATALOGUE_CHUNK]
+                cursor.executemany(_CATALOGUE_INSERTS[table], chunk)
+                if on_progress:
+                    on_progress(len(chunk))

@@ -34,7 +34,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -84,6 +84,7 @@ def run_popularity(
     *,
     available_now: bool = True,
     now: datetime | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Bring the popularity feeds up to date with everything landed under ``base_uri``.
 
@@ -102,6 +103,9 @@ def run_popularity(
     now
         The reference time of the windows and the trending decay; by default the
         newest ``placed_at`` seen. A naive datetime is taken as UTC.
+    on_batch
+        Called after each micro-batch with the number of landed files it read, so a
+        caller that counted the unread files can show how far a catch-up has come.
 
     Returns
     -------
@@ -118,7 +122,7 @@ def run_popularity(
     counters = RunCounters()
 
     if _exists(spark, f"{base_uri}/{layout.LANDING_PREFIX}"):
-        _run_stream(spark, base_uri, settings, available_now, now_us, counters)
+        _run_stream(spark, base_uri, settings, available_now, now_us, counters, on_batch)
     else:
         logger.info("nothing landed under %s%s yet", base_uri, layout.LANDING_PREFIX)
 
@@ -151,9 +155,12 @@ def _run_stream(
     available_now: bool,
     now_us: int | None,
     counters: RunCounters,
+    on_batch: Callable[[int], None] | None,
 ) -> None:
     def process_batch(batch: DataFrame, batch_id: int) -> None:
-        _process_batch(spark, base_uri, settings, now_us, counters, batch, batch_id)
+        files = _process_batch(spark, base_uri, settings, now_us, counters, batch, batch_id)
+        if on_batch:
+            on_batch(files)
 
     landed = landing.read_landing_stream(spark, f"{base_uri}/{layout.LANDING_PREFIX}")
     writer = landed.writeStream.foreachBatch(process_batch).option(
@@ -186,7 +193,8 @@ def _process_batch(
     counters: RunCounters,
     batch: DataFrame,
     batch_id: int,
-) -> None:
+) -> int:
+    """Store, quarantine and publish one micro-batch; return how many landed files it read."""
     stored = _read_state(spark, base_uri)
     watermark_us = (
         None if stored is None else feeds.watermark_before(stored, batch_id, settings.watermark_s)
@@ -197,9 +205,10 @@ def _process_batch(
         counts = checked.agg(
             F.count(F.when(is_valid, True)).alias("valid"),
             F.count(F.when(~is_valid, True)).alias("rejected"),
+            F.countDistinct(landing.SOURCE_COLUMN).alias("files"),
         ).first()
         assert counts is not None  # a global aggregate has one row
-        events_read, quarantined = counts["valid"], counts["rejected"]
+        events_read, quarantined, files = counts["valid"], counts["rejected"], counts["files"]
         if quarantined:
             _quarantine(base_uri, checked.filter(~is_valid), batch_id, quarantined)
         _store(base_uri, feeds.mark_late(checked.filter(is_valid), watermark_us), batch_id)
@@ -232,6 +241,7 @@ def _process_batch(
         written,
         snapshot.overall.totals.bids,
     )
+    return int(files)
 
 
 def _quarantine(base_uri: str, rejected: DataFrame, batch_id: int, count: int) -> None:

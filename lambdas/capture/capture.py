@@ -36,12 +36,61 @@ from typing import Any
 
 from encore import events
 from lambdas.capture.kinesis_sink import KinesisSink, SinkStats
-from lambdas.capture.pgoutput import UNCHANGED, Begin, Change, Commit, Decoder
+from lambdas.capture.pgoutput import UNCHANGED, Begin, Change, Commit, Decoder, Relation
 
 logger = logging.getLogger(__name__)
 
 #: Captured table -> event type.
 CAPTURED_TABLES = {"listings": "listing", "bids": "bid"}
+#: Event column -> the captured table's column it is read from.
+_BID_SOURCES = {
+    "listing_id": "listing_id",
+    "bid_id": "id",
+    "bidder_id": "bidder_id",
+    "amount": "amount",
+    "placed_at": "placed_at",
+}
+_LISTING_SOURCES = {
+    "listing_id": "id",
+    "seller_id": "seller_id",
+    "title": "title",
+    "category_id": "category_id",
+    "sub_category_id": "sub_category_id",
+    "price": "price",
+    "status": "status",
+    "ends_at": "ends_at",
+    "description": "description",
+}
+(
+    _EVENT_ID,
+    _EVENT_TYPE,
+    _OP,
+    _COMMIT_LSN,
+    _COMMIT_TIME,
+    _TABLE_KEY,
+    _LISTING_ID,
+    _CATEGORY_ID,
+    _CATEGORY,
+    _SUB_CATEGORY_ID,
+    _SUB_CATEGORY,
+) = (
+    events.COLUMNS.index(name)
+    for name in (
+        "event_id",
+        "event_type",
+        "op",
+        "commit_lsn",
+        "commit_time",
+        "table_key",
+        "listing_id",
+        "category_id",
+        "category",
+        "sub_category_id",
+        "sub_category",
+    )
+)
+#: Rows fetched per round trip from the peeked batch (held on the server until fetched).
+PEEK_ROWS_PER_FETCH = 5_000
 
 
 class CaptureError(RuntimeError):
@@ -151,6 +200,32 @@ def primary_keys(conn: Any, publication: str) -> dict[str, list[str]]:
     return keys
 
 
+@dataclass(frozen=True)
+class _Transaction:
+    """What every event of one transaction shares, formatted once."""
+
+    commit_lsn: str
+    commit_time: str
+
+    @classmethod
+    def starting(cls, begin: Begin) -> _Transaction:
+        return cls(
+            events.format_lsn(begin.final_lsn), events.normalize_time(begin.commit_time.isoformat())
+        )
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """Where a captured table's values go in an event row; made once per relation."""
+
+    table: str
+    key_positions: tuple[int | None, ...]
+    #: (index in ``events.COLUMNS``, index in the relation's values)
+    fields: tuple[tuple[int, int], ...]
+    template: list[str | None]
+    is_listing: bool
+
+
 class _CategoryTitles:
     """Category and sub-category titles by sub-category id, read again on a miss."""
 
@@ -184,6 +259,8 @@ class Capture:
         self.publication = publication
         self.limits = limits or CaptureLimits()
         self.categories = _CategoryTitles(conn)
+        self.keys: dict[str, list[str]] = {}
+        self._plans: dict[int, _RowPlan] = {}
 
     def run(self, remaining_s: Callable[[], float] = lambda: float("inf")) -> CaptureResult:
         result = CaptureResult(sink=self.sink.stats)
@@ -197,9 +274,11 @@ class Capture:
                 return result
         try:
             self.keys = primary_keys(self.conn, self.publication)
+            self._plans.clear()
             self.sink.refresh_shards()
             self._drain(result, remaining_s)
         finally:
+            self.sink.close()
             self.conn.autocommit = True
             with self.conn.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_unlock(%s)", (lock_key(self.slot_name),))
@@ -239,8 +318,8 @@ class Capture:
         self, result: CaptureResult, remaining_s: Callable[[], float], spent_bytes: int
     ) -> tuple[int, int, int | None, str | None, int]:
         """Peek one batch and queue its events. Returns (upto, rows, last commit end, stop)."""
-        decoder = Decoder()
-        begin: Begin | None = None
+        decode = Decoder().decode
+        transaction: _Transaction | None = None
         rows = 0
         batch_bytes = 0
         last_end: int | None = None
@@ -251,7 +330,7 @@ class Capture:
             cursor.execute("SELECT pg_current_wal_lsn()::text")
             upto = events.parse_lsn(cursor.fetchone()[0])
         with self.conn.cursor(name="encore_capture_peek") as peek:
-            peek.itersize = 2_000
+            peek.itersize = PEEK_ROWS_PER_FETCH
             peek.execute(
                 "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
                 "%s, %s::pg_lsn, %s, 'proto_version', '1', 'publication_names', %s)",
@@ -264,12 +343,13 @@ class Capture:
             )
             for change_lsn, data in peek:
                 rows += 1
-                message = decoder.decode(bytes(data))
-                if isinstance(message, Begin):
-                    begin = message
-                elif isinstance(message, Change):
-                    assert begin is not None, "change outside a transaction"
-                    batch_bytes += self._send(message, begin, change_lsn, result)
+                message = decode(bytes(data))
+                if type(message) is Change:
+                    if transaction is None:
+                        raise CaptureError(f"change at {change_lsn} outside a transaction")
+                    batch_bytes += self._send(message, transaction, change_lsn, result)
+                elif isinstance(message, Begin):
+                    transaction = _Transaction.starting(message)
                 elif isinstance(message, Commit):
                     result.transactions += 1
                     last_end = message.end_lsn
@@ -279,87 +359,109 @@ class Capture:
                         stopped = "time"
                     if stopped:
                         break
+                elif isinstance(message, Relation):
+                    # A new Relation message means the table's columns may have changed.
+                    self._plans.pop(message.oid, None)
         self.conn.commit()
         self.conn.autocommit = True
         return upto, rows, last_end, stopped, batch_bytes
 
-    def _send(self, change: Change, begin: Begin, change_lsn: str, result: CaptureResult) -> int:
+    def _send(
+        self, change: Change, transaction: _Transaction, change_lsn: str, result: CaptureResult
+    ) -> int:
+        """Queue one change's event; returns its size, 0 if it was dead-lettered."""
         result.changes += 1
-        table = change.relation.name
-        event = self._event(change, begin, change_lsn)
+        relation = change.relation
+        plan = self._plans.get(relation.oid) or self._plan(relation)
+        row = self._event_row(change, plan, transaction, change_lsn)
+        partition_key = row[_LISTING_ID] or row[_TABLE_KEY]
         try:
-            line = events.encode(event)
+            line = events.encode_row(row)
         except events.EventError as exc:
+            event = {name: value for name, value in zip(events.COLUMNS, row, strict=True) if value}
             self.sink.dead_letter(
-                str(event.get("listing_id") or event["table_key"]),
+                str(partition_key),
                 repr(event).encode(),
-                str(event["event_id"]),
-                f"{table} key {event['table_key']} at {event['commit_lsn']}: {exc}",
+                str(row[_EVENT_ID]),
+                f"{plan.table} key {row[_TABLE_KEY]} at {transaction.commit_lsn}: {exc}",
             )
             return 0
-        self.sink.add(
-            str(event.get("listing_id") or event["table_key"]), line, str(event["event_id"])
-        )
+        self.sink.add(str(partition_key), line, str(row[_EVENT_ID]))
         result.events += 1
         return len(line)
 
-    def _event(self, change: Change, begin: Begin, change_lsn: str) -> dict[str, str | None]:
-        table = change.relation.name
-        values = self._row(change, table, change_lsn)
-        key = "/".join(str(values.get(column)) for column in self.keys[table])
-        commit_lsn = events.format_lsn(begin.final_lsn)
-        event: dict[str, str | None] = {
-            "event_id": events.event_id(commit_lsn, change_lsn, table, key, change.op),
-            "event_type": CAPTURED_TABLES[table],
-            "op": change.op,
-            "commit_lsn": commit_lsn,
-            "commit_time": begin.commit_time.isoformat(),
-            "table_key": key,
-        }
-        if table == "bids":
-            event.update(
-                listing_id=values.get("listing_id"),
-                bid_id=values.get("id"),
-                bidder_id=values.get("bidder_id"),
-                amount=values.get("amount"),
-                placed_at=values.get("placed_at"),
-            )
-        else:
-            sub_category_id = values.get("sub_category_id")
-            sub_category, category_id, category = (
-                self.categories.lookup(sub_category_id) if sub_category_id else (None, None, None)
-            )
-            event.update(
-                listing_id=values.get("id"),
-                seller_id=values.get("seller_id"),
-                title=values.get("title"),
-                category_id=values.get("category_id") or category_id,
-                category=category or None,
-                sub_category_id=sub_category_id,
-                sub_category=sub_category or None,
-                price=values.get("price"),
-                status=values.get("status"),
-                ends_at=values.get("ends_at"),
-                description=values.get("description"),
-            )
-        return event
+    def _plan(self, relation: Relation) -> _RowPlan:
+        table = relation.name
+        positions = {column.name: index for index, column in enumerate(relation.columns)}
+        sources = _BID_SOURCES if table == "bids" else _LISTING_SOURCES
+        template: list[str | None] = [None] * len(events.COLUMNS)
+        template[_EVENT_TYPE] = CAPTURED_TABLES[table]
+        plan = _RowPlan(
+            table=table,
+            key_positions=tuple(positions.get(column) for column in self.keys[table]),
+            fields=tuple(
+                (events.COLUMNS.index(name), positions[column])
+                for name, column in sources.items()
+                if column in positions
+            ),
+            template=template,
+            is_listing=table == "listings",
+        )
+        self._plans[relation.oid] = plan
+        return plan
 
-    def _row(self, change: Change, table: str, change_lsn: str) -> dict[str, str | None]:
-        """The row's values, with unchanged TOASTed columns taken from the old row."""
-        source = change.new if change.new is not None else change.old
-        assert source is not None
-        row: dict[str, str | None] = {}
-        for column, value in source.items():
+    def _event_row(
+        self, change: Change, plan: _RowPlan, transaction: _Transaction, change_lsn: str
+    ) -> list[str | None]:
+        """The change as a contract row, in ``events.COLUMNS`` order."""
+        # Text or None once unchanged TOASTed values are filled in from the old row.
+        values: list[Any] | None = change.new if change.new is not None else change.old
+        if values is None or UNCHANGED in values:
+            values = self._merged(change, change_lsn)
+        if len(plan.key_positions) == 1:
+            (position,) = plan.key_positions
+            key = str(values[position] if position is not None else None)
+        else:
+            key = "/".join(
+                str(values[position] if position is not None else None)
+                for position in plan.key_positions
+            )
+        row = plan.template.copy()
+        row[_EVENT_ID] = events.event_id(
+            transaction.commit_lsn, change_lsn, plan.table, key, change.op
+        )
+        row[_OP] = change.op
+        row[_COMMIT_LSN] = transaction.commit_lsn
+        row[_COMMIT_TIME] = transaction.commit_time
+        row[_TABLE_KEY] = key
+        for column, position in plan.fields:
+            row[column] = values[position]
+        if plan.is_listing:
+            sub_category_id = row[_SUB_CATEGORY_ID]
+            if sub_category_id:
+                sub_category, category_id, category = self.categories.lookup(sub_category_id)
+                row[_CATEGORY_ID] = row[_CATEGORY_ID] or category_id
+                row[_CATEGORY] = category or None
+                row[_SUB_CATEGORY] = sub_category or None
+        return row
+
+    def _merged(self, change: Change, change_lsn: str) -> list[Any]:
+        """The new row, with unchanged TOASTed columns taken from the old row."""
+        values = change.new if change.new is not None else change.old
+        if values is None:
+            raise CaptureError(f"{change.op} at {change_lsn} carries no row")
+        merged = list(values)
+        for position, value in enumerate(values):
             if value is UNCHANGED:
-                old = change.old.get(column) if change.old else UNCHANGED
+                old = change.old[position] if change.old else UNCHANGED
                 if old is UNCHANGED:
+                    table, column = change.relation.name, change.relation.columns[position].name
                     raise CaptureError(
                         f"{table}.{column} at {change_lsn} was unchanged and not sent, and the "
                         f"old row is not logged: ALTER TABLE {table} REPLICA IDENTITY FULL"
                     )
-                value = old
-            row[column] = value if value is None else str(value)
-        return row
+                merged[position] = old
+        return merged
 
     def _advance(self, lsn: int) -> None:
         with self.conn.cursor() as cursor:

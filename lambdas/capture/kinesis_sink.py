@@ -8,6 +8,10 @@ record's partition key is hashed (MD5, as Kinesis does) and placed in the
 aggregator of the shard whose hash range holds it, and the aggregate is sent
 with an explicit hash key inside that range.
 
+Aggregates are framed by ``lambdas.capture.kpl`` (the KPL format, byte for
+byte what ``aws-kinesis-agg`` builds); a partition key's hash and shard are
+worked out once and remembered.
+
 PutRecords limits are checked before sending: at most 500 records and
 5 MiB per request, 1 MiB per record (data and partition key together). A
 user record too large to send even alone goes to the S3 dead-letter prefix
@@ -15,6 +19,15 @@ with its reason. Entries that PutRecords reports failed are retried alone,
 with full-jitter exponential back-off; a throttled request is retried whole.
 When retries run out the sink raises and the caller must not confirm the
 slot, so the batch is read again next time.
+
+Requests are sent by a background thread while the caller goes on building
+the next one (the HTTP call releases the GIL). At most one request is in
+flight: a sealed aggregate goes out at once when the thread is idle, and
+otherwise waits in the next request until it is full or the thread is free,
+so requests grow only as large as the endpoint is slow. Memory stays within
+two requests and the aggregates being filled; :meth:`KinesisSink.flush`
+returns only once every request was accepted, and raises the failure of any
+of them.
 """
 
 from __future__ import annotations
@@ -24,24 +37,28 @@ import hashlib
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_kinesis_agg.aggregator import RecordAggregator
 from botocore.exceptions import ClientError
 
 from encore import layout
+from lambdas.capture.kpl import Aggregate
 
 logger = logging.getLogger(__name__)
 
 MAX_RECORDS_PER_REQUEST = 500
 MAX_BYTES_PER_REQUEST = 5 * 1024 * 1024
 MAX_BYTES_PER_RECORD = 1024 * 1024
-#: Room left in an aggregate for its partition key, explicit hash key and framing.
+#: Room left beside an aggregate for the Kinesis record's own partition key.
 AGGREGATE_HEADROOM = 4 * 1024
+MAX_AGGREGATE_BYTES = MAX_BYTES_PER_RECORD - AGGREGATE_HEADROOM
+#: Partition keys whose shard is remembered; the memo starts again when full.
+MAX_ROUTES = 100_000
 RETRYABLE_CODES = {
     "ProvisionedThroughputExceededException",
     "ThrottlingException",
@@ -74,6 +91,14 @@ class _Shard:
     ending_hash: int
 
 
+@dataclass(frozen=True)
+class _Route:
+    """Where a partition key's records go: its shard and its hash, as a decimal string."""
+
+    shard_id: str
+    hash_key: str
+
+
 def hash_key(partition_key: str) -> int:
     """The 128-bit hash Kinesis maps a partition key to a shard with."""
     return int.from_bytes(hashlib.md5(partition_key.encode()).digest(), "big")
@@ -104,9 +129,12 @@ class KinesisSink:
         self.stats = SinkStats()
         self._shards: list[_Shard] = []
         self._starts: list[int] = []
-        self._aggregators: dict[str, RecordAggregator] = {}
+        self._routes: dict[str, _Route] = {}
+        self._aggregates: dict[str, Aggregate] = {}
         self._pending: list[dict[str, Any]] = []
         self._pending_bytes = 0
+        self._sender: threading.Thread | None = None
+        self._sender_failure: BaseException | None = None
 
     def refresh_shards(self) -> None:
         """Read the open shards' hash ranges; call before each batch."""
@@ -135,6 +163,7 @@ class KinesisSink:
         shards.sort(key=lambda shard: shard.starting_hash)
         self._shards = shards
         self._starts = [shard.starting_hash for shard in shards]
+        self._routes.clear()
 
     def _shard_for(self, hashed: int) -> _Shard:
         if not self._shards:
@@ -142,50 +171,104 @@ class KinesisSink:
         index = bisect.bisect_right(self._starts, hashed) - 1
         return self._shards[max(index, 0)]
 
+    def _route(self, partition_key: str) -> _Route:
+        hashed = hash_key(partition_key)
+        route = _Route(self._shard_for(hashed).shard_id, str(hashed))
+        if len(self._routes) >= MAX_ROUTES:
+            self._routes.clear()
+        self._routes[partition_key] = route
+        return route
+
     def add(self, partition_key: str, data: bytes, origin: str = "") -> None:
         """Queue one user record; sends whole requests as they fill."""
-        size = len(data) + len(partition_key.encode())
-        if size > MAX_BYTES_PER_RECORD - AGGREGATE_HEADROOM:
-            self.dead_letter(
-                partition_key,
-                data,
-                origin,
-                f"record of {size} bytes exceeds the Kinesis limit of "
-                f"{MAX_BYTES_PER_RECORD - AGGREGATE_HEADROOM} bytes",
-            )
-            return
-
-        hashed = hash_key(partition_key)
-        shard = self._shard_for(hashed)
-        aggregator = self._aggregators.get(shard.shard_id)
-        if aggregator is None:
-            aggregator = RecordAggregator(MAX_BYTES_PER_RECORD - AGGREGATE_HEADROOM)
-            self._aggregators[shard.shard_id] = aggregator
-        full = aggregator.add_user_record(partition_key, data, str(hashed))
+        route = self._routes.get(partition_key) or self._route(partition_key)
+        aggregate = self._aggregates.get(route.shard_id)
+        if aggregate is None:
+            aggregate = self._aggregates[route.shard_id] = Aggregate(MAX_AGGREGATE_BYTES)
+        if not aggregate.add(partition_key, route.hash_key, data):
+            if aggregate.count:
+                self._queue(aggregate)
+                aggregate = self._aggregates[route.shard_id] = Aggregate(MAX_AGGREGATE_BYTES)
+            if not aggregate.add(partition_key, route.hash_key, data):
+                size = len(data) + len(partition_key.encode())
+                self.dead_letter(
+                    partition_key,
+                    data,
+                    origin,
+                    f"record of {size} bytes exceeds the Kinesis limit of "
+                    f"{MAX_AGGREGATE_BYTES} bytes per aggregated record",
+                )
+                return
         self.stats.user_records += 1
-        if full is not None:
-            self._queue(full)
 
     def flush(self) -> None:
         """Send everything queued; returns only when Kinesis accepted all of it."""
-        for shard_id in list(self._aggregators):
-            partial = self._aggregators[shard_id].clear_and_get()
-            if partial is not None:
-                self._queue(partial)
-        self._send_pending()
+        for shard_id, aggregate in list(self._aggregates.items()):
+            if aggregate.count:
+                self._queue(aggregate, send_when_idle=False)
+            del self._aggregates[shard_id]
+        if self._pending:
+            self._dispatch()
+        self._wait_for_sender()
 
-    def _queue(self, aggregate: Any) -> None:
-        partition_key, explicit_hash_key, blob = aggregate.get_contents()
-        entry = {"Data": blob, "PartitionKey": partition_key, "ExplicitHashKey": explicit_hash_key}
+    def close(self) -> None:
+        """Wait for the request in flight, if any, without sending what is still queued.
+
+        For a caller that is failing already: a failure of that request is
+        logged, not raised, so it does not hide the caller's own.
+        """
+        try:
+            self._wait_for_sender()
+        except Exception as exc:
+            logger.warning("a PutRecords request to %s failed: %s", self.stream_name, exc)
+        self._aggregates.clear()
+        self._pending, self._pending_bytes = [], 0
+
+    def _queue(self, aggregate: Aggregate, send_when_idle: bool = True) -> None:
+        blob = aggregate.seal()
+        partition_key = aggregate.partition_key
+        entry = {
+            "Data": blob,
+            "PartitionKey": partition_key,
+            "ExplicitHashKey": aggregate.explicit_hash_key,
+        }
         size = len(blob) + len(partition_key.encode())
         too_many = len(self._pending) >= MAX_RECORDS_PER_REQUEST
         if too_many or self._pending_bytes + size > MAX_BYTES_PER_REQUEST:
-            self._send_pending()
+            self._dispatch()
         self._pending.append(entry)
         self._pending_bytes += size
+        if send_when_idle and (self._sender is None or not self._sender.is_alive()):
+            # Nothing in flight: send now rather than wait for a full request, so
+            # the requests grow only as large as the endpoint is slow.
+            self._dispatch()
 
-    def _send_pending(self) -> None:
+    def _dispatch(self) -> None:
+        """Hand the pending request to the sender thread, once the one before it is done."""
         entries, self._pending, self._pending_bytes = self._pending, [], 0
+        self._wait_for_sender()
+        self._sender = threading.Thread(
+            target=self._send_in_background,
+            args=(entries,),
+            name=f"put-records-{self.stream_name}",
+        )
+        self._sender.start()
+
+    def _send_in_background(self, entries: list[dict[str, Any]]) -> None:
+        try:
+            self._send(entries)
+        except BaseException as exc:  # handed to the caller's thread by _wait_for_sender
+            self._sender_failure = exc
+
+    def _wait_for_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.join()
+            self._sender = None
+        failure, self._sender_failure = self._sender_failure, None
+        if failure is not None:
+            raise failure
+
+    def _send(self, entries: list[dict[str, Any]]) -> None:
         attempt = 0
         while entries:
             attempt += 1

@@ -7,7 +7,8 @@ values, marks unchanged TOASTed columns explicitly, and is limited to the
 tables of a publication, so busy tables outside it cost the capture nothing.
 
 Message layouts follow "Logical Replication Message Formats" in the Postgres
-documentation. Column values arrive in their text form.
+documentation. Column values arrive in their text form; a row's values are
+kept in the order of its relation's columns, as the message sends them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 #: A column whose TOASTed value did not change and was not sent.
 UNCHANGED = object()
+
+#: Values of one row in the order of ``Relation.columns``: text, None or ``UNCHANGED``.
+Values = list[object]
 
 
 class DecodingError(ValueError):
@@ -41,6 +45,10 @@ class Relation:
     replica_identity: str
     columns: list[Column] = field(default_factory=list)
 
+    def row(self, values: Values) -> dict[str, object]:
+        """``values`` by column name."""
+        return {column.name: value for column, value in zip(self.columns, values, strict=True)}
+
 
 @dataclass(frozen=True)
 class Begin:
@@ -56,17 +64,30 @@ class Commit:
     commit_time: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Change:
-    """An insert, update or delete of one row; values are text, None or ``UNCHANGED``."""
+    """An insert, update or delete of one row.
+
+    ``old`` is the key (or, with ``REPLICA IDENTITY FULL``, the whole row)
+    before an update or delete, when Postgres logged it.
+    """
 
     op: str
     relation: Relation
-    new: dict[str, object] | None
-    old: dict[str, object] | None
+    new: Values | None
+    old: Values | None
 
 
 Message = Begin | Commit | Relation | Change | None
+
+_OPS = {0x49: "insert", 0x55: "update", 0x44: "delete"}  # 'I', 'U', 'D'
+_INT16 = struct.Struct("!h")
+_INT32 = struct.Struct("!i")
+_LENGTH = struct.Struct("!I")
+_BEGIN = struct.Struct("!qqi")
+_COMMIT = struct.Struct("!bqqq")
+_RELATION_HEAD = struct.Struct("!i")
+_COLUMN_TAIL = struct.Struct("!ii")
 
 
 class Decoder:
@@ -76,122 +97,106 @@ class Decoder:
         self.relations: dict[int, Relation] = {}
 
     def decode(self, data: bytes) -> Message:
-        reader = _Reader(data)
-        kind = reader.byte()
+        """One message. Row changes, by far the most frequent, are decoded first."""
+        kind = data[0] if data else 0
         try:
-            if kind == b"B":
-                return Begin(reader.int64(), _timestamp(reader.int64()), reader.int32())
-            if kind == b"C":
-                reader.int8()
-                return Commit(reader.int64(), reader.int64(), _timestamp(reader.int64()))
-            if kind == b"R":
-                return self._relation(reader)
-            if kind in (b"I", b"U", b"D"):
-                return self._change(kind, reader)
-            if kind in (b"Y", b"O", b"M"):
+            op = _OPS.get(kind)
+            if op is not None:
+                return self._change(op, data)
+            if kind == 0x42:  # 'B'
+                final_lsn, micros, xid = _BEGIN.unpack_from(data, 1)
+                return Begin(final_lsn, _timestamp(micros), xid)
+            if kind == 0x43:  # 'C'
+                _, commit_lsn, end_lsn, micros = _COMMIT.unpack_from(data, 1)
+                return Commit(commit_lsn, end_lsn, _timestamp(micros))
+            if kind == 0x52:  # 'R'
+                return self._relation(data)
+            if kind in (0x59, 0x4F, 0x4D):  # 'Y', 'O', 'M'
                 return None  # type, origin and generic messages carry no row changes
-            if kind == b"T":
+            if kind == 0x54:  # 'T'
                 raise DecodingError("TRUNCATE of a captured table cannot be sent as row changes")
-        except (struct.error, IndexError, UnicodeDecodeError) as exc:
-            raise DecodingError(f"message {kind!r} is malformed at byte {reader.offset}") from exc
-        raise DecodingError(f"unknown message type {kind!r}")
+        except DecodingError:
+            raise
+        except (struct.error, IndexError, ValueError) as exc:  # ValueError: bad UTF-8, no NUL
+            raise DecodingError(f"message {chr(kind)!r} is malformed: {exc}") from exc
+        raise DecodingError(f"unknown message type {chr(kind)!r}")
 
-    def _relation(self, reader: _Reader) -> Relation:
-        relation = Relation(reader.int32(), reader.string(), reader.string(), chr(reader.int8()))
-        for _ in range(reader.int16()):
-            flags = reader.int8()
-            name = reader.string()
-            type_oid = reader.int32()
-            reader.int32()  # type modifier
-            relation.columns.append(Column(name, type_oid, bool(flags & 1)))
-        self.relations[relation.oid] = relation
+    def _relation(self, data: bytes) -> Relation:
+        (oid,) = _RELATION_HEAD.unpack_from(data, 1)
+        namespace, offset = _string(data, 5)
+        name, offset = _string(data, offset)
+        relation = Relation(oid, namespace, name, chr(data[offset]))
+        (count,) = _INT16.unpack_from(data, offset + 1)
+        offset += 3
+        for _ in range(count):
+            flags = data[offset]
+            column, offset = _string(data, offset + 1)
+            type_oid, _ = _COLUMN_TAIL.unpack_from(data, offset)  # type oid, type modifier
+            offset += 8
+            relation.columns.append(Column(column, type_oid, bool(flags & 1)))
+        self.relations[oid] = relation
         return relation
 
-    def _change(self, kind: bytes, reader: _Reader) -> Change:
-        oid = reader.int32()
+    def _change(self, op: str, data: bytes) -> Change:
+        (oid,) = _INT32.unpack_from(data, 1)
         relation = self.relations.get(oid)
         if relation is None:
             raise DecodingError(f"change for relation {oid} before its Relation message")
         old = new = None
-        marker = reader.byte()
-        if marker in (b"K", b"O"):
-            old = self._tuple(relation, reader)
-            marker = reader.byte() if kind == b"U" else b""
-        if marker == b"N":
-            new = self._tuple(relation, reader)
-        op = {b"I": "insert", b"U": "update", b"D": "delete"}[kind]
+        marker = data[5]
+        offset = 6
+        if marker == 0x4B or marker == 0x4F:  # 'K' key, 'O' old row
+            old, offset = _tuple(relation, data, offset)
+            marker = data[offset] if op == "update" else 0
+            offset += 1
+        if marker == 0x4E:  # 'N' new row
+            new, offset = _tuple(relation, data, offset)
         return Change(op, relation, new, old)
 
-    @staticmethod
-    def _tuple(relation: Relation, reader: _Reader) -> dict[str, object]:
-        # The hot path of the capture: parse in place with offsets, no per-field calls.
-        data, offset = reader.data, reader.offset
-        (count,) = _INT16.unpack_from(data, offset)
-        offset += 2
-        if count != len(relation.columns):
-            raise DecodingError(
-                f"{relation.name}: tuple has {count} columns, relation has {len(relation.columns)}"
-            )
-        values: dict[str, object] = {}
-        for column in relation.columns:
-            kind = data[offset]
+
+def _tuple(relation: Relation, data: bytes, offset: int) -> tuple[Values, int]:
+    """The values of one TupleData at ``offset``, and the offset after it.
+
+    The hot path of the capture: every value of every captured row passes here,
+    so it parses in place with offsets and no call per field beyond the slice.
+    A length running past the end surfaces as an IndexError at the next field
+    or at the final check.
+    """
+    count = (data[offset] << 8) | data[offset + 1]
+    offset += 2
+    columns = relation.columns
+    if count != len(columns):
+        raise DecodingError(
+            f"{relation.name}: tuple has {count} columns, relation has {len(columns)}"
+        )
+    unpack = _LENGTH.unpack_from
+    values: Values = []
+    append = values.append
+    for position in range(count):
+        kind = data[offset]
+        if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
+            start = offset + 5
+            offset = start + unpack(data, offset + 1)[0]
+            append(data[start:offset].decode())
+        elif kind == 0x6E:  # 'n' null
+            append(None)
             offset += 1
-            if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
-                (length,) = _INT32.unpack_from(data, offset)
-                offset += 4
-                end = offset + length
-                if end > len(data):
-                    raise IndexError("message ends early")
-                values[column.name] = bytes(data[offset:end]).decode()
-                offset = end
-            elif kind == 0x6E:  # 'n' null
-                values[column.name] = None
-            elif kind == 0x75:  # 'u' unchanged TOASTed value, not sent
-                values[column.name] = UNCHANGED
-            else:
-                raise DecodingError(
-                    f"{relation.name}.{column.name}: unknown value kind {chr(kind)!r}"
-                )
-        reader.offset = offset
-        return values
+        elif kind == 0x75:  # 'u' unchanged TOASTed value, not sent
+            append(UNCHANGED)
+            offset += 1
+        else:
+            raise DecodingError(
+                f"{relation.name}.{columns[position].name}: unknown value kind {chr(kind)!r}"
+            )
+    if offset > len(data):
+        raise IndexError("message ends early")
+    return values, offset
 
 
-_INT16 = struct.Struct("!h")
-_INT32 = struct.Struct("!i")
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
-        self.offset = 0
-
-    def take(self, size: int) -> bytes:
-        chunk = self.data[self.offset : self.offset + size]
-        if len(chunk) != size:
-            raise IndexError("message ends early")
-        self.offset += size
-        return bytes(chunk)
-
-    def byte(self) -> bytes:
-        return self.take(1)
-
-    def int8(self) -> int:
-        return int(struct.unpack("!b", self.take(1))[0])
-
-    def int16(self) -> int:
-        return int(struct.unpack("!h", self.take(2))[0])
-
-    def int32(self) -> int:
-        return int(struct.unpack("!i", self.take(4))[0])
-
-    def int64(self) -> int:
-        return int(struct.unpack("!q", self.take(8))[0])
-
-    def string(self) -> str:
-        end = bytes(self.data[self.offset :]).index(b"\0")
-        text = bytes(self.data[self.offset : self.offset + end]).decode()
-        self.offset += end + 1
-        return text
+def _string(data: bytes, offset: int) -> tuple[str, int]:
+    """A NUL-terminated string at ``offset``, and the offset after its NUL."""
+    end = data.index(b"\0", offset)
+    return data[offset:end].decode(), end + 1
 
 
 def _timestamp(microseconds: int) -> datetime:

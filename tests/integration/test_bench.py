@@ -26,6 +26,11 @@ FIGURES = (
     "popularity.plain_count_rows_per_s_per_core",
     "nightly.users",
     "nightly.wall_s",
+    "nightly.read_s",
+    "nightly.evaluate_s",
+    "nightly.fit_s",
+    "nightly.score_s",
+    "nightly.publish_s",
     "nightly.fit_score_s",
     "nightly.implicit_fit_score_s",
 )
@@ -53,3 +58,23 @@ def test_bench_command_writes_every_figure_with_its_reference(
     assert {"machine", "versions", "seed"} <= set(report)
     assert report["complete"] is True
     assert (tmp_path / "latest.md").read_text().startswith("| figure |")
+
+
+def test_bench_command_measures_only_the_stages_asked_for(
+    tmp_path: Path, base_settings: Settings, postgres: LocalPostgres
+) -> None:
+    argv = [
+        "--stages", "landing", "--landing-events", "100", "--repeat", "1",
+        "--out", str(tmp_path), "--aws-endpoint-url", str(base_settings.aws_endpoint_url),
+        "--postgres-dsn", postgres.dsn,
+    ]  # fmt: skip
+    assert run.main(argv) == 0
+
+    figures = json.loads((tmp_path / "latest.json").read_text())["figures"]
+    assert set(figures) == {"landing.events_per_s", "landing.raw_put_events_per_s"}
+
+
+def test_bench_command_refuses_an_unknown_stage(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--stages", "capture,training", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2

@@ -250,6 +250,10 @@ def test_a_second_reader_finds_the_slot_locked(capture_settings: Settings) -> No
     insert_listing(settings, 12)
 
     assert pipeline.capture_once(settings)["status"] == "locked"
+    # Unlock before closing: a closed connection's backend drops its locks only
+    # when it exits, which the next capture could outrun (it then found "locked").
+    with holder.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_unlock(%s)", (lock_key(settings.slot_name),))
     holder.close()
     assert capture_and_land(settings)["changes"] == 1
 

@@ -8,6 +8,7 @@ then runs it once more with nothing new; other tests compare against those runs.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import threading
@@ -16,12 +17,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest_popularity import Bucket, Changes, encoded, new_bucket
 
+from cli import pipeline
+from cli.progress import Progress
 from encore import events, layout
 from encore.settings import Settings
 from spark_streaming import feeds, popularity
@@ -358,6 +362,7 @@ def test_crash_in_a_batch_then_rerun_equals_the_restarted_runs(
     with pytest.raises(popularity.PopularityError, match="rerun to retry"):
         popularity.run_popularity(spark, bucket.base_uri, bucket.settings, now=NOW)
     assert bucket.keys(layout.FEEDS_PREFIX) == []
+    assert pipeline.unread_landed_files(bucket.settings) == 3  # the batch never committed
     monkeypatch.undo()
 
     rerun = run(spark, bucket)
@@ -371,6 +376,27 @@ def test_crash_in_a_batch_then_rerun_equals_the_restarted_runs(
     assert {k: without_computed_at(v) for k, v in rerun.feeds.items()} == {
         k: without_computed_at(v) for k, v in expected.feeds.items()
     }
+
+
+def test_catch_up_shows_the_landed_files_it_reads(spark: Any, base_settings: Settings) -> None:
+    bucket = new_bucket(base_settings)
+    first, second, third = marketplace()
+    bars = io.StringIO()
+    progress = partial(Progress, stream=bars)
+
+    bucket.land(first.arrival, first.name, first.lines)
+    bucket.land(second.arrival, second.name, second.lines)
+    unread = [pipeline.unread_landed_files(bucket.settings)]
+    pipeline.popularity_catch_up(spark, bucket.settings, progress, now=NOW)
+    bucket.land(third.arrival, third.name, third.lines)
+    unread.append(pipeline.unread_landed_files(bucket.settings))
+    pipeline.popularity_catch_up(spark, bucket.settings, progress, now=NOW)
+    unread.append(pipeline.unread_landed_files(bucket.settings))
+
+    assert unread == [2, 1, 0]
+    first_run, second_run = bars.getvalue().splitlines()
+    assert first_run.startswith("stream ") and " 100% 2/2 files" in first_run
+    assert " 100% 1/1 files" in second_run
 
 
 def test_command_line_with_nothing_landed_yet_reports_zeros(

@@ -235,6 +235,34 @@ def test_a_list_skips_own_listings_won_items_and_repeated_items(spark: Any) -> N
     assert [(row["listing_id"], row["position"]) for row in picked] == [("c-sooner", 1), ("e", 2)]
 
 
+def test_each_item_keeps_its_soonest_listing_and_the_soonest_of_another_seller(
+    spark: Any,
+) -> None:
+    rows = [  # listing, seller, item, days until it ends
+        ("a1", "s1", "A", 1),
+        ("a2", "s1", "A", 2),
+        ("a3", "s2", "A", 3),
+        ("a4", "s3", "A", 4),
+        ("b1", "s1", "B", 1),
+        ("b2", "s1", "B", 2),
+        ("c1", None, "C", 5),
+        ("c2", "s2", "C", 6),
+    ]
+    live = spark.createDataFrame(
+        [
+            (listing, seller, "Toys", "Funko", item, Decimal("1.00"), ANCHOR + timedelta(days=d), 0)
+            for listing, seller, item, d in rows
+        ],
+        "listing_id string, seller_id string, category string, sub_category string, "
+        "title string, price decimal(18,2), ends_at timestamp, listing_bids long",
+    )
+
+    kept = {row["listing_id"] for row in ranking.soonest_listings(live).collect()}
+
+    # s1 sees a3 for A and nothing for B (all of B is their own); anyone else sees a1, b1, c1.
+    assert kept == {"a1", "a3", "b1", "c1", "c2"}
+
+
 def test_ids_beyond_32_bits_come_back_unchanged(first_night: dict[str, Any]) -> None:
     for bidder in BIG_BIDDERS:
         document = first_night["documents"][bidder]

@@ -5,7 +5,13 @@ from decimal import Decimal
 
 import pytest
 
-from producers.loader import ExportError, parse_export, plan_listings, read_export
+from producers.loader import (
+    ExportError,
+    count_lines,
+    parse_export,
+    plan_listings,
+    read_export,
+)
 
 HEADER = (
     '"uid","userName","catagory","sub_catagory","product","listing_amount","counts",'
@@ -90,3 +96,32 @@ def test_loader_reads_the_real_export_exactly(shared_data) -> None:
     listings = plan_listings(export.interactions)
     assert all(listing.id > 2**32 for listing in listings)
     assert len({listing.id for listing in listings}) == len(listings)
+
+
+def test_loader_progress_reaches_the_line_count_of_the_real_export(shared_data) -> None:
+    path = shared_data / "encore" / "user_interaction.csv"
+    steps: list[int] = []
+
+    export = read_export(path, on_progress=steps.append)
+
+    # Quoted newlines make 3,373 records and a header span 3,378 lines.
+    assert sum(steps) == count_lines(path) == 3378
+    assert len(steps) == export.rows_read + 1
+
+
+@pytest.mark.parametrize(
+    ("body", "lines"),
+    [
+        ('"u1","a","Toys","Designer Toys\r\n","T1","1","1","5"\n\n', 4),
+        ('"u1","a","Toys","Funko","T1","1","1","5"', 2),
+    ],
+    ids=["quoted-newline-and-blank-line", "no-final-newline"],
+)
+def test_loader_progress_counts_every_line_once(tmp_path, body: str, lines: int) -> None:
+    path = tmp_path / "export.csv"
+    path.write_bytes((HEADER + body).encode())
+    steps: list[int] = []
+
+    read_export(path, on_progress=steps.append)
+
+    assert sum(steps) == count_lines(path) == lines

@@ -56,3 +56,21 @@ def test_report_draws_every_plot_and_escapes_titles() -> None:
     assert "Funko <Pop> & co" in "".join(parser.texts)
     assert "<Pop>" not in page
     assert "all checks passed" in page
+
+
+def test_report_without_leaders_or_metrics_says_so_instead_of_an_empty_plot() -> None:
+    summary = {
+        **SUMMARY,
+        "popularity": {"total_bids": 0, "top10": []},
+        "recommendations": {"interactions_read": None, "metrics": None},
+    }
+    parser = _Figures()
+    parser.feed(render_report(summary))
+
+    assert parser.svgs == [
+        "Bids at each stage",
+        "Bids inserted and events landed during the replay",
+    ]
+    text = "".join(parser.texts)
+    assert "Popularity leaders (trending score, live listings): nothing to show." in text
+    assert "ALS against the popularity baseline: nothing to show." in text

@@ -1,0 +1,208 @@
+"""The operator's view of a stack: `encore status`, and the progress of loading and landing.
+
+A slice of the real export goes through Postgres, the capture, Kinesis and the
+landing hop; feeds and a nightly manifest are put in place by hand, so no Spark
+is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+
+from cli import main, operate, pipeline
+from cli.progress import Progress
+from cli.stack import LocalStack
+from encore import layout
+from encore.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ANCHOR = datetime(2026, 12, 1, 12, tzinfo=UTC)
+SLICE_ROWS = 30
+
+
+@pytest.fixture
+def export_slice(shared_data: Path, tmp_path: Path) -> Path:
+    source = shared_data / "encore" / "user_interaction.csv"
+    target = tmp_path / "slice.csv"
+    with open(source, newline="") as handle, open(target, "w", newline="") as out:
+        writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        for number, row in enumerate(csv.reader(handle)):
+            if number > SLICE_ROWS:
+                break
+            writer.writerow(row)
+    return target
+
+
+@pytest.fixture
+def replayed(
+    fresh_database: Settings, export_slice: Path, tmp_path: Path
+) -> tuple[Settings, pipeline.FlowCounts, str]:
+    """A stack after the slice was loaded (with progress bars) and replayed to the end."""
+    settings = fresh_database
+    bars = io.StringIO()
+    pipeline.prepare_database(settings)
+    load = pipeline.load_export(
+        settings,
+        export_slice,
+        tmp_path / "rejects.csv",
+        ANCHOR,
+        progress=partial(Progress, stream=bars),
+    )
+    flow = pipeline.replay_live(settings, load, ANCHOR, per_transaction=25)
+    return settings, flow, bars.getvalue()
+
+
+def test_loading_the_export_shows_the_lines_read_and_the_rows_inserted(
+    replayed: tuple[Settings, pipeline.FlowCounts, str], export_slice: Path
+) -> None:
+    settings, _, bars = replayed
+    with psycopg2.connect(settings.require_dsn()) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM categories)"
+            " + (SELECT count(*) FROM sub_categories) + (SELECT count(*) FROM listings)"
+        )
+        rows = cursor.fetchone()[0]
+    conn.close()
+    lines = export_slice.read_bytes().count(b"\n")
+
+    export_line, catalogue_line = bars.splitlines()
+    assert export_line.startswith("export ") and f" 100% {lines}/{lines} lines" in export_line
+    assert catalogue_line.startswith("catalogue ")
+    assert f" 100% {rows}/{rows} rows" in catalogue_line
+
+
+def test_status_shows_slot_lag_events_captured_and_landed_feed_age_and_last_night(
+    replayed: tuple[Settings, pipeline.FlowCounts, str],
+) -> None:
+    settings, flow, _ = replayed
+    s3 = boto3.client("s3", **settings.boto3_kwargs())
+
+    drained = operate.status(settings)
+
+    landed = pipeline.landed_event_counts(settings)
+    assert drained["captured_events"] == drained["landed_events"] == landed
+    assert landed["bid.insert"] == flow.bids_inserted == drained["bids_in_database"]
+    assert drained["not_yet_landed"] == drained["dead_lettered"] == 0
+    assert drained["slot"]["name"] == settings.slot_name and drained["slot"]["lag_bytes"] >= 0
+    assert drained["newest_feed"] is None and drained["last_night"] is None
+
+    # One more bid, captured but not landed yet.
+    with psycopg2.connect(settings.require_dsn()) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO bids (id, listing_id, bidder_id, amount, placed_at)"
+            " SELECT max(id) + 1, min(listing_id), min(bidder_id), 1.00, now() FROM bids"
+        )
+    conn.close()
+    lag_before_capture = operate.status(settings)["slot"]["lag_bytes"]
+    pipeline.capture_once(settings)
+    behind = operate.status(settings)
+
+    assert lag_before_capture > 0
+    assert behind["captured_events"]["bid.insert"] == landed["bid.insert"] + 1
+    assert behind["landed_events"] == landed
+    assert behind["not_yet_landed"] == 1
+
+    feeds = [layout.global_feed_key(), layout.category_feed_key("Toys")]
+    for key in feeds:
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=b"{}")
+        time.sleep(1.1)  # S3 keeps LastModified to the second
+    manifest = {"run_id": "20261201T120000Z", "counts": {"users": 3}}
+    s3.put_object(
+        Bucket=settings.bucket,
+        Key=layout.manifest_key(manifest["run_id"]),
+        Body=json.dumps(manifest).encode(),
+    )
+    s3.put_object(
+        Bucket=settings.bucket,
+        Key=layout.RECOMMENDATIONS_POINTER,
+        Body=json.dumps({"run_id": manifest["run_id"]}).encode(),
+    )
+    published = operate.status(settings)
+
+    assert published["newest_feed"]["key"] == feeds[-1]
+    assert 0 <= published["newest_feed"]["age_s"] < 60
+    assert published["last_night"] == manifest
+
+
+def test_land_shows_the_records_it_moved(
+    replayed: tuple[Settings, pipeline.FlowCounts, str],
+) -> None:
+    settings, _, _ = replayed
+    with psycopg2.connect(settings.require_dsn()) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "UPDATE listings SET price = price + 1 WHERE id = (SELECT min(id) FROM listings)"
+        )
+    conn.close()
+    pipeline.capture_once(settings)
+    moved: list[int] = []
+
+    result = pipeline.land_once(settings, moved.append)
+
+    assert sum(moved) == result.landed == 1
+    assert operate.status(settings)["not_yet_landed"] == 0
+
+
+def test_status_command_prints_the_report_as_json(
+    replayed: tuple[Settings, pipeline.FlowCounts, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, flow, _ = replayed
+    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
+
+    code = main.main(["status"])
+
+    printed = json.loads(capsys.readouterr().out)
+    assert code == main.EXIT_OK
+    assert printed["landed_events"]["bid.insert"] == flow.bids_inserted
+    assert set(printed) >= {
+        "slot",
+        "captured_events",
+        "landed_events",
+        "not_yet_landed",
+        "newest_feed",
+        "last_night",
+    }
+
+
+def test_unread_landed_files_follow_the_checkpoint_through_compaction_and_a_cut_batch(
+    fresh_bucket: Settings,
+) -> None:
+    settings = fresh_bucket
+    s3 = boto3.client("s3", **settings.boto3_kwargs())
+    arrival = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    landed = [layout.landing_key(arrival, f"encore landing-{number}") for number in range(5)]
+    for key in landed:
+        s3.put_object(Bucket=settings.bucket, Key=key, Body=b"")
+
+    def entries(batch: int, keys: list[str]) -> str:
+        """The file source's log lines for ``keys``, their paths URL-encoded as Spark writes."""
+        paths = [f"s3a://{settings.bucket}/{key.replace(' ', '%20')}" for key in keys]
+        return "".join(
+            json.dumps({"path": path, "timestamp": 0, "batchId": batch}) + "\n" for path in paths
+        )
+
+    checkpoint = layout.POPULARITY_CHECKPOINT_PREFIX
+    written = {
+        # Batches 0 to 9 folded into one file; only the last commit is kept.
+        "sources/0/9.compact": "v1\n" + entries(0, landed[:1]) + entries(9, landed[1:2]),
+        "commits/9": "v1\n{}\n",
+        "commits/.9.crc": "",
+        # Batch 10 was planned, then cut short before its commit.
+        "sources/0/10": "v1\n" + entries(10, landed[2:3]),
+    }
+    for name, body in written.items():
+        s3.put_object(Bucket=settings.bucket, Key=checkpoint + name, Body=body.encode())
+
+    assert pipeline.unread_landed_files(settings) == 3
