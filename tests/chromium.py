@@ -34,7 +34,7 @@ import pytest
 
 FLAGS = (
     "--headless",
-    "--no-sandbox",  # the tests run as root, where Chromium's sandbox cannot start
+    "--no-sandbox",  # as root (CI, these machines) Chromium refuses to start with it
     "--disable-gpu",
     "--disable-quic",
     "--no-first-run",
@@ -42,6 +42,9 @@ FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--host-resolver-rules=MAP * ~NOTFOUND",
+    # Containers often give /dev/shm 64 MB; Debian's launcher adds this flag itself only
+    # when its own size check of /dev/shm works.
+    "--disable-dev-shm-usage",
     "--remote-debugging-pipe",
 )
 

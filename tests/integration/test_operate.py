@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import boto3
 import psycopg2
@@ -117,7 +118,7 @@ def test_status_shows_slot_lag_events_captured_and_landed_feed_age_and_last_nigh
     for key in feeds:
         s3.put_object(Bucket=settings.bucket, Key=key, Body=b"{}")
         time.sleep(1.1)  # S3 keeps LastModified to the second
-    manifest = {"run_id": "20261201T120000Z", "counts": {"users": 3}}
+    manifest: dict[str, Any] = {"run_id": "20261201T120000Z", "counts": {"users": 3}}
     s3.put_object(
         Bucket=settings.bucket,
         Key=layout.manifest_key(manifest["run_id"]),
@@ -135,21 +136,26 @@ def test_status_shows_slot_lag_events_captured_and_landed_feed_age_and_last_nigh
     assert published["last_night"] == manifest
 
 
-def test_land_shows_the_records_it_moved(
+def test_land_command_shows_the_records_it_moved(
     replayed: tuple[Settings, pipeline.FlowCounts, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings, _, _ = replayed
+    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
     with psycopg2.connect(settings.require_dsn()) as conn, conn.cursor() as cursor:
         cursor.execute(
             "UPDATE listings SET price = price + 1 WHERE id = (SELECT min(id) FROM listings)"
         )
     conn.close()
     pipeline.capture_once(settings)
-    moved: list[int] = []
 
-    result = pipeline.land_once(settings, moved.append)
+    code = main.main(["land"])
 
-    assert sum(moved) == result.landed == 1
+    printed = capsys.readouterr()
+    assert code == main.EXIT_OK
+    assert json.loads(printed.out)["landed"] == 1
+    assert printed.err.startswith("land       1 records (")
     assert operate.status(settings)["not_yet_landed"] == 0
 
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from html.parser import HTMLParser
+from typing import Any
 
 from cli.report import render_report
 
-SUMMARY = {
+SUMMARY: dict[str, Any] = {
     "export": {"bids_planned": 10, "rows_rejected": 1, "rejects_file": "/tmp/r.csv"},
     "database": {"bids_inserted": 10},
     "capture": {"changes_captured": 14},
