@@ -100,13 +100,13 @@ def read_events(spark: SparkSession, base_uri: str) -> DataFrame:
 
 def load_landed(spark: SparkSession, base_uri: str) -> Landed:
     """Read, check and de-duplicate the landed events; rebuild bids and listings."""
-    raw = read_events(spark, base_uri).withColumn("_valid", _is_valid())
-    unique = raw.filter("_valid").drop("_valid").dropDuplicates(["event_id"]).cache()
-
+    # The files are parsed once: the checked rows are cached until the unique events are.
+    raw = read_events(spark, base_uri).withColumn("_valid", _is_valid()).cache()
     totals = raw.agg(
         F.count(F.lit(1)).alias("rows"),
         F.sum(F.when(~F.col("_valid"), 1).otherwise(0)).alias("malformed"),
     ).first()
+    unique = raw.filter("_valid").drop("_valid").dropDuplicates(["event_id"]).cache()
     summary = unique.agg(
         F.count(F.lit(1)).alias("events"),
         F.sum(_when_bid_op("insert")).alias("bid_inserts"),
@@ -114,7 +114,9 @@ def load_landed(spark: SparkSession, base_uri: str) -> Landed:
         F.min("commit_time").alias("first"),
         F.max("commit_time").alias("last"),
     ).first()
+    raw.unpersist()
     if totals is None or summary is None or not summary["events"]:
+        unique.unpersist()
         raise LandingError(f"no valid events under {landing_uri(base_uri)}")
 
     listings = listing_states(unique)

@@ -28,6 +28,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 DOCUMENT_SCHEMA_VERSION = 1
 DOCUMENTS_PER_TASK = 5_000
 SPOOL_BYTES = 64 * 1024 * 1024
+#: PUTs in flight per task: each waits on the network, not the CPU.
+PUT_THREADS = 16
 JSON_CONTENT = "application/json"
 
 
@@ -132,25 +135,42 @@ def write_user_documents(
 def _put_documents(
     settings: Settings, bucket: str, run_id: str, generated_at: str, rows: Iterable[Any]
 ) -> Iterator[tuple[int, int]]:
+    """PUT one task's documents, ``PUT_THREADS`` at a time; yield (written, skipped).
+
+    At most twice ``PUT_THREADS`` documents are held at once. The first
+    failed PUT fails the task (Spark retries it; a PUT is idempotent).
+    """
     client = s3_client(settings)
     written = skipped = 0
-    for row in rows:
-        try:
-            key = layout.user_document_key(run_id, row["user_id"])
-        except ValueError as exc:
-            logger.warning("user document skipped: %s", exc)
-            skipped += 1
-            continue
-        body = json.dumps(user_document(row, run_id, generated_at)).encode()
+
+    def put(key: str, body: bytes, source: str) -> None:
         client.put_object(
-            Bucket=bucket,
-            Key=key,
-            Body=body,
-            ContentType=JSON_CONTENT,
-            Metadata={"source": row["source"]},
+            Bucket=bucket, Key=key, Body=body, ContentType=JSON_CONTENT, Metadata={"source": source}
         )
-        written += 1
+
+    pending: set[Future[None]] = set()
+    with ThreadPoolExecutor(PUT_THREADS) as pool:
+        for row in rows:
+            try:
+                key = layout.user_document_key(run_id, row["user_id"])
+            except ValueError as exc:
+                logger.warning("user document skipped: %s", exc)
+                skipped += 1
+                continue
+            body = json.dumps(user_document(row, run_id, generated_at)).encode()
+            pending.add(pool.submit(put, key, body, row["source"]))
+            if len(pending) >= 2 * PUT_THREADS:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                written += _settled(done)
+        written += _settled(wait(pending).done)
     yield written, skipped
+
+
+def _settled(done: set[Future[None]]) -> int:
+    """How many of ``done`` succeeded; raises the first failure."""
+    for future in done:
+        future.result()
+    return len(done)
 
 
 def batch_line(row: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate_bid_log", "main", "run_nightly"]
 
+#: The stages of a run, in order; each is timed and reported when it ends.
+NIGHTLY_STAGES = ("read", "evaluate", "fit", "score", "publish")
 MIN_ALS_INTERACTIONS = 2
 SAMPLE_USERS = 3
 
@@ -62,13 +65,15 @@ def run_nightly(
     *,
     run_id: str | None = None,
     now: datetime | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compute and publish tonight's recommendations; return the run's summary.
 
     ``base_uri`` is ``s3a://<bucket>`` locally and ``s3://<bucket>`` on EMR.
     ``now`` (default: the wall clock) decides which listings are still open
     and stamps the documents; ``run_id`` defaults to ``now`` as
-    ``YYYYMMDDTHHMMSSZ``.
+    ``YYYYMMDDTHHMMSSZ``. ``on_stage`` is called with the name of each of
+    :data:`NIGHTLY_STAGES` as it ends.
     """
     started = time.monotonic()
     now = (now or datetime.now(UTC)).astimezone(UTC)
@@ -76,13 +81,15 @@ def run_nightly(
     bucket = publish.bucket_of(base_uri)
     logger.info("nightly run %s: reading %s", run_id, landing.landing_uri(base_uri))
 
-    clock = _Clock()
+    clock = _Clock(on_stage)
     landed = landing.load_landed(spark, base_uri)
     cached: list[DataFrame] = []
     try:
         tables = _tables(landed, settings, cached)
         clock.lap("read")
-        scores = evaluation.evaluate(tables.indexed, AlsParams.from_settings(settings))
+        scores = evaluation.evaluate(
+            tables.indexed, AlsParams.from_settings(settings), max_users=settings.eval_max_users
+        )
         params = AlsParams(**scores["params"])
         clock.lap("evaluate")
         fitted = model.fit(tables.indexed, params)
@@ -140,15 +147,18 @@ class _Clock:
     time of a stage is the work it forced.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_lap: Callable[[str], None] | None = None) -> None:
         self.laps: dict[str, float] = {}
         self._last = time.monotonic()
+        self._on_lap = on_lap
 
     def lap(self, name: str) -> None:
         now = time.monotonic()
         self.laps[name] = round(now - self._last, 2)
         self._last = now
         logger.info("nightly stage %s: %.1f s", name, self.laps[name])
+        if self._on_lap:
+            self._on_lap(name)
 
 
 @dataclass

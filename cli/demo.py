@@ -83,7 +83,6 @@ def run_demo(
         from local.spark import local_session
 
         spark = local_session(settings, "encore-demo")
-        base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
         try:
             popularity = pipeline.popularity_catch_up(spark, settings, progress)
             say(
@@ -91,9 +90,7 @@ def run_demo(
                 f"{popularity['feeds_written']} feeds written"
             )
 
-            from batch.recommend import run_nightly
-
-            nightly = run_nightly(spark, base_uri, settings)
+            nightly = pipeline.nightly_run(spark, settings, progress)
             say(f"recommendations: run {nightly['run_id']} for {nightly['users']} users")
 
             from batch.evaluation import evaluate_bid_log

@@ -146,9 +146,6 @@ def run_spark_job(
     try:
         if job == "stream":
             return pipeline.popularity_catch_up(spark, settings, progress)
-        from batch.recommend import run_nightly
-
-        base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
-        return run_nightly(spark, base_uri, settings)
+        return pipeline.nightly_run(spark, settings, progress)
     finally:
         spark.stop()

@@ -317,3 +317,19 @@ def popularity_catch_up(
         return run_popularity(
             spark, base_uri, settings, available_now=True, now=now, on_batch=on_batch
         )
+
+
+def nightly_run(
+    spark: Any, settings: Settings, progress: ProgressFactory | None = None
+) -> dict[str, Any]:
+    """Run the nightly job once; ``progress`` makes a bar of its stages."""
+    from batch.recommend import NIGHTLY_STAGES, run_nightly
+
+    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+    with counting(progress, "nightly", len(NIGHTLY_STAGES), "stages") as advance:
+
+        def on_stage(stage: str) -> None:
+            if advance is not None:
+                advance(1)
+
+        return run_nightly(spark, base_uri, settings, on_stage=on_stage)

@@ -60,6 +60,7 @@ class Settings:
     weight_bid_count: float = 1.0
     weight_amount: float = 0.2
     recency_half_life_days: float = 30.0
+    eval_max_users: int = 20_000
 
     # Serving.
     presign_secret: str | None = None
@@ -180,6 +181,7 @@ HELP: dict[str, str] = {
     "als_alpha": "ALS implicit-feedback confidence scale",
     "als_iterations": "ALS iterations",
     "als_seed": "ALS random seed (training is deterministic)",
+    "eval_max_users": "users the nightly evaluation and tuning use at most (a seeded sample)",
     "weight_bid_count": "confidence weight of a user's bid count on an item",
     "weight_amount": "confidence weight of log(1 + amount bid) on an item",
     "recency_half_life_days": "half-life of a bid's weight in the confidence",

@@ -35,7 +35,7 @@ from conftest_recommend import (
 
 from batch import evaluation, model, publish, ranking
 from batch.model import AlsParams
-from batch.recommend import evaluate_bid_log, run_nightly
+from batch.recommend import NIGHTLY_STAGES, evaluate_bid_log, run_nightly
 from encore import layout
 from encore.settings import Settings
 from lambdas.presign.handler import presigned_url_for_user
@@ -67,14 +67,20 @@ class Bucket:
 def first_night(spark: Any, recommend_settings: Settings) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation, "TUNING_GRID", QUICK_TUNING)
+        stages: list[str] = []
         summary = run_nightly(
             spark,
             f"s3a://{recommend_settings.bucket}",
             recommend_settings,
             run_id=FIRST,
             now=RUN_NOW,
+            on_stage=stages.append,
         )
-    return {"summary": summary, "documents": Bucket(recommend_settings).documents(FIRST)}
+    return {
+        "summary": summary,
+        "stages": stages,
+        "documents": Bucket(recommend_settings).documents(FIRST),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +167,14 @@ def test_closing_updates_win_although_their_lsns_sort_first_as_text(
     ]
 
     assert first_night["summary"]["live_listings"] == len(live)
+
+
+def test_every_stage_is_reported_in_order_and_timed(first_night: dict[str, Any]) -> None:
+    assert first_night["stages"] == list(NIGHTLY_STAGES)
+    timed = first_night["summary"]["stage_seconds"]
+    assert list(timed) == list(NIGHTLY_STAGES)
+    assert all(seconds >= 0 for seconds in timed.values())
+    assert sum(timed.values()) <= first_night["summary"]["seconds"] + 0.5
 
 
 def test_metrics_are_numbers_for_both_models(first_night: dict[str, Any]) -> None:
@@ -394,3 +408,19 @@ def test_neither_tuning_nor_the_tested_model_sees_held_out_pairs(spark: Any) -> 
     assert len(result["tuning"]) == len(fitted_on) - 1 == 2
     assert all(not pairs & held_out for pairs in fitted_on)
     assert all(pairs < fitted_on[-1] for pairs in fitted_on[:-1])  # validation held back too
+
+
+def test_the_evaluation_sample_keeps_whole_users_and_is_the_same_every_run(spark: Any) -> None:
+    interactions = spark.createDataFrame(
+        [(user, item, 1.0, None) for user in range(40) for item in range(user % 4 + 1)],
+        "user_idx int, item_idx int, confidence double, at timestamp",
+    )
+
+    first = evaluation.sample_users(interactions, 10, seed=3).collect()
+    again = evaluation.sample_users(interactions, 10, seed=3).collect()
+
+    users = {row["user_idx"] for row in first}
+    assert len(users) == 10
+    assert sorted(map(tuple, first)) == sorted(map(tuple, again))
+    assert len(first) == sum(user % 4 + 1 for user in users)
+    assert evaluation.sample_users(interactions, 40, seed=3) is interactions
