@@ -2,10 +2,10 @@
 
 Inserts a backlog of bid changes into a fresh local Postgres, then drains it
 through the real capture (pgoutput decoding, contract encoding, aggregation,
-PutRecords to moto's server over HTTP) in a child process whose peak RSS is
-read at the end. The reference, in the same run, is a raw read of the same
-slot: ``pg_logical_slot_peek_binary_changes`` counted on the server, with no
-decoding or sending.
+PutRecords to moto's server over HTTP) in a child process whose peak RSS and
+CPU time are read at the end. The reference, in the same run, is a raw read of
+the same slot: ``pg_logical_slot_peek_binary_changes`` fetched to the client,
+with no decoding or sending.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -67,24 +68,50 @@ def raw_slot_read(settings: Settings) -> tuple[int, float]:
     return rows, elapsed
 
 
+def _peak_rss_mb() -> float:
+    """This program's peak resident set size.
+
+    ``ru_maxrss`` survives exec, so in a child it is never below the parent's
+    size at the fork; Linux's ``VmHWM`` belongs to the program alone.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _drain_and_report(overrides: str) -> None:
+    """The child's side of :func:`drain_in_child`: drain, then print one JSON line."""
+    from cli.pipeline import capture_once
+
+    settings = Settings.load(**json.loads(overrides))
+    events = runs = 0
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    while True:
+        summary = capture_once(settings)
+        runs += 1
+        events += summary["events"]
+        if summary["status"] == "drained" and summary["changes"] == 0:
+            break
+    report = {
+        "events": events,
+        "runs": runs,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    print(json.dumps(report))
+
+
 def drain_in_child(settings: Settings) -> dict[str, Any]:
     """Run the capture until drained in a fresh interpreter; returns its counts and peak RSS."""
     script = (
-        "import json, sys, time, resource\n"
-        "from encore.settings import Settings\n"
-        "from cli.pipeline import capture_once\n"
-        "settings = Settings.load(**json.loads(sys.argv[1]))\n"
-        "events = runs = 0\n"
-        "started = time.perf_counter()\n"
-        "while True:\n"
-        "    summary = capture_once(settings)\n"
-        "    runs += 1\n"
-        "    events += summary['events']\n"
-        "    if summary['status'] == 'drained' and summary['changes'] == 0: break\n"
-        "elapsed = time.perf_counter() - started\n"
-        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print(json.dumps({'events': events, 'runs': runs, 'seconds': elapsed,\n"
-        "                  'peak_rss_mb': rss}))\n"
+        "import sys\nfrom bench.capture_bench import _drain_and_report as drain\ndrain(sys.argv[1])"
     )
     overrides = {
         "aws_endpoint_url": settings.aws_endpoint_url,
@@ -95,6 +122,7 @@ def drain_in_child(settings: Settings) -> dict[str, Any]:
     }
     output = subprocess.run(
         [sys.executable, "-c", script, json.dumps(overrides)],
+        cwd=Path(__file__).resolve().parents[1],
         check=True,
         capture_output=True,
         text=True,
@@ -115,6 +143,9 @@ def measure(settings: Settings, changes: int) -> dict[str, Any]:
         "events": drained["events"],
         "capture_s": drained["seconds"],
         "events_per_s": drained["events"] / drained["seconds"],
+        # The capture process's own CPU time (all threads): steadier than the rate
+        # when other work shares the machine.
+        "capture_cpu_s": drained["cpu_seconds"],
         "peak_rss_mb": drained["peak_rss_mb"],
         "runs": drained["runs"],
         "parent_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -58,6 +58,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
+from typing import ClassVar
 
 SCHEMA_VERSION = "1"
 
@@ -238,8 +239,8 @@ class _Checked:
     event would only repeat work. Kept by identity: a string never changes.
     """
 
-    commit_lsn: str | None = None
-    commit_time: tuple[str | None, str | None] = (None, None)
+    commit_lsn: ClassVar[str | None] = None
+    commit_time: ClassVar[tuple[str | None, str | None]] = (None, None)
 
 
 def _checked(row: list[str | None]) -> list[str | None]:

@@ -180,7 +180,7 @@ class KinesisSink:
         return route
 
     def add(self, partition_key: str, data: bytes, origin: str = "") -> None:
-        """Queue one user record; sends whole requests as they fill."""
+        """Queue one user record in its shard's aggregate; full aggregates are sent as they seal."""
         route = self._routes.get(partition_key) or self._route(partition_key)
         aggregate = self._aggregates.get(route.shard_id)
         if aggregate is None:

@@ -45,10 +45,6 @@ class Relation:
     replica_identity: str
     columns: list[Column] = field(default_factory=list)
 
-    def row(self, values: Values) -> dict[str, object]:
-        """``values`` by column name."""
-        return {column.name: value for column, value in zip(self.columns, values, strict=True)}
-
 
 @dataclass(frozen=True)
 class Begin:
@@ -82,12 +78,11 @@ Message = Begin | Commit | Relation | Change | None
 
 _OPS = {0x49: "insert", 0x55: "update", 0x44: "delete"}  # 'I', 'U', 'D'
 _INT16 = struct.Struct("!h")
-_INT32 = struct.Struct("!i")
+_OID = struct.Struct("!I")
 _LENGTH = struct.Struct("!I")
-_BEGIN = struct.Struct("!qqi")
-_COMMIT = struct.Struct("!bqqq")
-_RELATION_HEAD = struct.Struct("!i")
-_COLUMN_TAIL = struct.Struct("!ii")
+_BEGIN = struct.Struct("!QqI")  # final LSN, commit time, xid
+_COMMIT = struct.Struct("!bQQq")  # flags, commit LSN, end LSN, commit time
+_COLUMN_TAIL = struct.Struct("!Ii")  # type oid, type modifier
 
 
 class Decoder:
@@ -122,7 +117,7 @@ class Decoder:
         raise DecodingError(f"unknown message type {chr(kind)!r}")
 
     def _relation(self, data: bytes) -> Relation:
-        (oid,) = _RELATION_HEAD.unpack_from(data, 1)
+        (oid,) = _OID.unpack_from(data, 1)
         namespace, offset = _string(data, 5)
         name, offset = _string(data, offset)
         relation = Relation(oid, namespace, name, chr(data[offset]))
@@ -131,14 +126,14 @@ class Decoder:
         for _ in range(count):
             flags = data[offset]
             column, offset = _string(data, offset + 1)
-            type_oid, _ = _COLUMN_TAIL.unpack_from(data, offset)  # type oid, type modifier
+            type_oid, _ = _COLUMN_TAIL.unpack_from(data, offset)
             offset += 8
             relation.columns.append(Column(column, type_oid, bool(flags & 1)))
         self.relations[oid] = relation
         return relation
 
     def _change(self, op: str, data: bytes) -> Change:
-        (oid,) = _INT32.unpack_from(data, 1)
+        (oid,) = _OID.unpack_from(data, 1)
         relation = self.relations.get(oid)
         if relation is None:
             raise DecodingError(f"change for relation {oid} before its Relation message")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 
 import pytest
 
@@ -95,3 +96,51 @@ def test_lsn_round_trips() -> None:
 def test_decode_refuses_a_record_with_the_wrong_number_of_fields() -> None:
     with pytest.raises(events.EventError, match="record 1 has 2 fields"):
         events.decode("a,b\n")
+
+
+def test_encode_quotes_a_bare_carriage_return_so_the_line_reads_back() -> None:
+    # Regression: a title holding "\r" alone was written unquoted, and reading the
+    # landed line back failed ("new-line character seen in unquoted field").
+    line = events.encode(bid_event(event_type="listing", title="Pop!\rsigned"))
+
+    assert b'"Pop!\rsigned"' in line
+    (decoded,) = events.decode(line.decode())
+    assert decoded["title"] == "Pop!\rsigned"
+
+
+def test_encode_row_gives_the_bytes_of_encode() -> None:
+    event = bid_event(title='a "b", c', description=None)
+    row = [event.get(name) for name in events.COLUMNS]
+
+    assert events.encode_row(row) == events.encode(event)
+    with pytest.raises(events.EventError, match="row has 3 values, expected 22"):
+        events.encode_row(["1", "2", "3"])
+
+
+def test_events_of_different_transactions_keep_their_own_commit_time_and_lsn() -> None:
+    first = bid_event(commit_lsn="0/10", commit_time="2026-12-04 15:52:59+00")
+    second = bid_event(commit_lsn="0/20", commit_time="2026-12-04 16:52:59.5+01")
+
+    lines = [events.encode(event) for event in (first, second, first)]
+
+    decoded = [events.decode(line.decode())[0] for line in lines]
+    assert [(e["commit_lsn"], e["commit_time"]) for e in decoded] == [
+        ("0/10", "2026-12-04T15:52:59.000000Z"),
+        ("0/20", "2026-12-04T15:52:59.500000Z"),
+        ("0/10", "2026-12-04T15:52:59.000000Z"),
+    ]
+    with pytest.raises(events.EventError, match="is not an LSN"):
+        events.encode(bid_event(commit_lsn="0/zz"))
+
+
+def test_any_text_survives_encode_and_decode() -> None:
+    rng = random.Random(11)
+    alphabet = 'ab ,"\r\n\té'
+    for _ in range(500):
+        title, description = ("".join(rng.choices(alphabet, k=rng.randrange(8))) for _ in "td")
+        event = bid_event(event_type="listing", title=title, description=description)
+
+        (decoded,) = events.decode(events.encode(event).decode())
+
+        assert decoded["title"] == (title or None)
+        assert decoded["description"] == (description or None)
