@@ -22,11 +22,14 @@ from typing import Any
 import boto3
 import numpy as np
 
+from batch.publish import PUT_THREADS
 from bench.traffic import DAY, Shape, Traffic, generate
 from encore import events, layout
 from encore.settings import Settings
 
 EVENTS_PER_FILE = 100_000
+#: Documents PUT for the reference rate of the store.
+RAW_PUTS = 2_000
 
 
 def land_traffic(settings: Settings, shape: Shape, traffic: Traffic) -> int:
@@ -138,6 +141,29 @@ def implicit_fit_score(traffic: Traffic, settings: Settings) -> float:
         return time.perf_counter() - started
 
 
+def raw_put_per_s(settings: Settings, body_bytes: int, count: int, threads: int) -> float:
+    """PUTs per second of documents of ``body_bytes`` from ``threads`` threads: the store's own
+    pace, the reference for the job's publish stage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s3 = boto3.client("s3", **settings.boto3_kwargs())
+    body = b"x" * body_bytes
+
+    def put(number: int) -> None:
+        s3.put_object(
+            Bucket=settings.bucket,
+            Key=f"bench/raw-put/{number:08d}.json",
+            Body=body,
+            ContentType="application/json",
+            Metadata={"source": "als"},
+        )
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, range(count)))
+    return count / (time.perf_counter() - started)
+
+
 def measure(spark: Any, settings: Settings, shape: Shape, users: int, seed: int) -> dict[str, Any]:
     from batch.recommend import run_nightly
 
@@ -155,6 +181,21 @@ def measure(spark: Any, settings: Settings, shape: Shape, users: int, seed: int)
         "land_s": land_s,
         "wall_s": wall_s,
         **{f"{stage}_s": seconds for stage, seconds in summary["stage_seconds"].items()},
+        "publish_docs_per_s": summary["users"] / summary["stage_seconds"]["publish"],
+        "raw_put_per_s": raw_put_per_s(
+            settings,
+            _document_bytes(settings, summary),
+            min(summary["users"], RAW_PUTS),
+            PUT_THREADS * int(spark.sparkContext.defaultParallelism),
+        ),
         "fit_score_s": spark_fit_score(spark, traffic, settings),
         "implicit_fit_score_s": implicit_fit_score(traffic, settings),
     }
+
+
+def _document_bytes(settings: Settings, summary: dict[str, Any]) -> int:
+    """The size of one published user document (the first of the sample)."""
+    s3 = boto3.client("s3", **settings.boto3_kwargs())
+    user = next(iter(summary["sample"]))
+    key = layout.user_document_key(summary["run_id"], user)
+    return int(s3.head_object(Bucket=settings.bucket, Key=key)["ContentLength"])

@@ -158,7 +158,7 @@ class LocalPostgres:
                 f"-c port={self.port}",
                 f"-c unix_socket_directories='{self.root}'",
                 "-c wal_level=logical",
-                "-c max_replication_slots=10",
+                "-c max_replication_slots=64",
                 "-c max_wal_senders=10",
                 "-c fsync=off",
                 "-c timezone=UTC",

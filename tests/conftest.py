@@ -108,7 +108,7 @@ def s3(base_settings: Settings) -> Any:
 
 
 @pytest.fixture
-def fresh_database(postgres: LocalPostgres, fresh_bucket: Settings) -> Settings:
+def fresh_database(postgres: LocalPostgres, fresh_bucket: Settings) -> Iterator[Settings]:
     """``fresh_bucket`` settings with a database and replication slot name of their own."""
     import psycopg2
 
@@ -118,7 +118,22 @@ def fresh_database(postgres: LocalPostgres, fresh_bucket: Settings) -> Settings:
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE {database}")
     admin.close()
-    return fresh_bucket.replace(
+    yield fresh_bucket.replace(
         database_dsn=postgres.dsn.replace(f"dbname={postgres.database}", f"dbname={database}"),
         slot_name=f"slot_{database}",
     )
+    # A slot left behind holds WAL and one of the server's few slots: drop it with the database.
+    admin = psycopg2.connect(postgres.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (database,),
+        )
+        cursor.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE database = %s",
+            (database,),
+        )
+        cursor.execute(f"DROP DATABASE IF EXISTS {database}")
+    admin.close()

@@ -22,6 +22,8 @@ FIGURES = (
     "landing.raw_put_events_per_s",
     "popularity.freshness_p50_s",
     "popularity.freshness_p95_s",
+    "popularity.freshness_max_s",
+    "popularity.first_feed_s",
     "popularity.events_per_s_per_core",
     "popularity.plain_count_rows_per_s_per_core",
     "nightly.users",
@@ -31,6 +33,8 @@ FIGURES = (
     "nightly.fit_s",
     "nightly.score_s",
     "nightly.publish_s",
+    "nightly.publish_docs_per_s",
+    "nightly.raw_put_per_s",
     "nightly.fit_score_s",
     "nightly.implicit_fit_score_s",
 )
