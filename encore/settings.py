@@ -43,6 +43,8 @@ class Settings:
     capture_max_changes: int = 20_000
     capture_max_bytes: int = 64 * 1024 * 1024
     capture_time_margin_s: float = 10.0
+    capture_linger_s: float = 0.0
+    capture_poll_s: float = 0.5
 
     # Popularity feeds.
     feed_top_n: int = 10
@@ -170,6 +172,8 @@ HELP: dict[str, str] = {
     "publication_name": "publication naming the captured tables",
     "capture_max_changes": "most changes one slot read returns",
     "capture_max_bytes": "most event bytes one capture run sends",
+    "capture_linger_s": "keep reading the slot this long after it is drained (AWS: 45)",
+    "capture_poll_s": "pause between reads of a drained slot while lingering",
     "capture_time_margin_s": "a capture run stops this long before its Lambda timeout",
     "feed_top_n": "listings in each popularity feed",
     "trending_half_life_s": "half-life of a bid's weight in the trending score",

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -20,7 +21,7 @@ from psycopg2.extensions import make_dsn
 
 from encore.settings import Settings, redact_dsn
 from lambdas import json_logging
-from lambdas.capture.capture import Capture, CaptureLimits
+from lambdas.capture.capture import Capture, CaptureLimits, CaptureResult
 from lambdas.capture.kinesis_sink import KinesisSink
 
 json_logging.configure()
@@ -75,13 +76,60 @@ def use_settings(settings: Settings) -> None:
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Drain the slot; with ``capture_linger_s``, keep reading it for that long.
+
+    A schedule fires at most once a minute, so a run that returns as soon as the
+    slot is drained leaves a commit made just after waiting up to a minute.
+    Lingering, the run polls the slot every ``capture_poll_s`` until
+    ``capture_linger_s`` has passed (and never past the Lambda's remaining
+    time less ``capture_time_margin_s``), so commits reach Kinesis within
+    about a poll. Each poll is a full capture run: its batch is confirmed
+    before the next begins, and the lock keeps a late schedule from reading
+    the slot at the same time.
+    """
     global _settings
     json_logging.request_id.set(getattr(context, "aws_request_id", None))
     settings = _settings = _settings or Settings.load()
     if not _clients:
         _clients["kinesis"] = boto3.client("kinesis", **settings.boto3_kwargs())
         _clients["s3"] = boto3.client("s3", **settings.boto3_kwargs())
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    remaining_s = (lambda: float("inf")) if remaining is None else (lambda: remaining() / 1000)
 
+    started = time.monotonic()
+    results = [_run_once(settings, remaining_s)]
+    while results[-1].status not in STOPPING_STATUSES:
+        left = min(
+            settings.capture_linger_s - (time.monotonic() - started),
+            remaining_s() - settings.capture_time_margin_s,
+        )
+        if left <= settings.capture_poll_s:
+            break
+        if results[-1].status == "drained":
+            time.sleep(settings.capture_poll_s)
+        results.append(_run_once(settings, remaining_s))
+    summary = merge_summaries([result.summary() for result in results])
+    logger.info("capture finished: %s", summary)
+    lag_bytes = results[-1].lag_bytes
+    if lag_bytes is not None and os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        print(slot_lag_metric(settings.slot_name, lag_bytes), flush=True)
+    return summary
+
+
+#: A run that ends so is not followed by another in the same invocation.
+STOPPING_STATUSES = frozenset({"locked", "time"})
+_SUMMED = (
+    "changes",
+    "events",
+    "transactions",
+    "dead_lettered",
+    "kinesis_records",
+    "put_requests",
+    "retried_entries",
+)
+
+
+def _run_once(settings: Settings, remaining_s: Callable[[], float]) -> CaptureResult:
     sink = KinesisSink(_clients["kinesis"], settings.stream_name, _clients["s3"], settings.bucket)
     capture = Capture(
         _connection(settings),
@@ -92,19 +140,22 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             settings.capture_max_changes, settings.capture_max_bytes, settings.capture_time_margin_s
         ),
     )
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
     try:
-        result = capture.run() if remaining is None else capture.run(lambda: remaining() / 1000)
+        return capture.run(remaining_s)
     except psycopg2.Error:
         # A broken connection is not reused by the next invocation.
         if _conn is not None:
             _conn.close()
         raise
-    summary = result.summary()
-    logger.info("capture finished: %s", summary)
-    if result.lag_bytes is not None and os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
-        print(slot_lag_metric(settings.slot_name, result.lag_bytes), flush=True)
-    return summary
+
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for the runs of an invocation: counts summed, the rest from the last run."""
+    merged = dict(summaries[-1])
+    for name in _SUMMED:
+        merged[name] = sum(summary[name] for summary in summaries)
+    merged["runs"] = len(summaries)
+    return merged
 
 
 def slot_lag_metric(slot_name: str, lag_bytes: int) -> str:

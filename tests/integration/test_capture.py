@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import string
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -296,3 +298,39 @@ def test_a_backlog_drains_over_several_runs_within_the_limits(capture_settings: 
     assert all(status == "bytes" for status, _ in runs[:-2])
     assert len(runs) > 3
     assert len({e["event_id"] for e in landed(settings)}) == 601
+
+
+def test_a_lingering_run_picks_up_a_commit_made_after_the_slot_was_drained(
+    capture_settings: Settings,
+) -> None:
+    from lambdas.capture import handler as capture_handler
+
+    settings = capture_settings.replace(capture_linger_s=4.0, capture_poll_s=0.2)
+    insert_listing(settings, 21)
+    late = threading.Timer(1.5, insert_listing, (settings, 22))
+    late.start()
+    capture_handler.use_settings(settings)
+    try:
+        started = time.monotonic()
+        summary = capture_handler.handler({}, None)
+        elapsed = time.monotonic() - started
+    finally:
+        late.join()
+    pipeline.land_once(settings)
+
+    # The first run drains listing 21; a later poll of the same invocation finds listing 22.
+    assert summary["runs"] > 2
+    assert summary["changes"] == 2
+    assert 3.5 <= elapsed < 8
+    assert sorted(e["listing_id"] for e in landed(settings)) == ["21", "22"]
+
+
+def test_a_run_without_lingering_reads_the_slot_once(capture_settings: Settings) -> None:
+    from lambdas.capture import handler as capture_handler
+
+    insert_listing(capture_settings, 23)
+    capture_handler.use_settings(capture_settings)
+
+    summary = capture_handler.handler({}, None)
+
+    assert (summary["runs"], summary["changes"]) == (1, 1)
