@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nightly-repeat",
         type=int,
-        help="runs of the nightly job (default: --repeat); each publishes every user's document",
+        default=2,
+        help="runs of the nightly job (default: 2; each publishes every user's document)",
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
@@ -230,7 +231,7 @@ def _measure_nightly(
 ) -> None:
     shape = traffic.learn_shape(DATA)
     nights = _repeat(
-        args.nightly_repeat or args.repeat,
+        args.nightly_repeat,
         lambda: nightly_bench.measure(spark, _fresh(base), shape, args.nightly_users, args.seed),
     )
     figures["nightly.users"] = _figure([night["users"] for night in nights], "users")

@@ -47,7 +47,7 @@ def test_bench_command_writes_every_figure_with_its_reference(
     argv = [
         "--changes", "300", "--backlog", "400", "--landing-events", "200",
         "--freshness-samples", "2", "--stream-events", "200", "--nightly-users", "300",
-        "--repeat", "1",
+        "--repeat", "1", "--nightly-repeat", "1",
         "--out", str(tmp_path), "--aws-endpoint-url", str(base_settings.aws_endpoint_url),
         "--postgres-dsn", postgres.dsn,
     ]  # fmt: skip
