@@ -175,10 +175,33 @@ def _spark_job(args: argparse.Namespace) -> int:
 
 
 def _url(args: argparse.Namespace) -> int:
+    """Print the URL the app would get; refuse one for a document that does not exist yet."""
+    import boto3
+    from botocore.exceptions import ClientError
+
     from cli import operate
     from lambdas.presign.handler import presigned_url_for_user
 
-    _print(presigned_url_for_user(operate.current().settings, args.user_id, args.expires_in))
+    settings = operate.current().settings
+    answer = presigned_url_for_user(settings, args.user_id, args.expires_in)
+    try:
+        boto3.client("s3", **settings.boto3_kwargs()).head_object(
+            Bucket=settings.bucket, Key=answer["key"]
+        )
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] not in {"404", "NoSuchKey"}:
+            raise
+        raise FileNotFoundError(
+            f"nothing is published at s3://{settings.bucket}/{answer['key']} yet: "
+            "run `encore stream` (feeds) and `encore batch` (recommendations) first"
+        ) from exc
+    if answer["expires_in"] < args.expires_in:
+        print(
+            f"encore url: expiry shortened to {answer['expires_in']} s "
+            "(at most 7 days, ENCORE_PRESIGN_MAX_EXPIRY_S and the credentials' life)",
+            file=sys.stderr,
+        )
+    _print(answer)
     return EXIT_OK
 
 

@@ -212,3 +212,28 @@ def test_unread_landed_files_follow_the_checkpoint_through_compaction_and_a_cut_
         s3.put_object(Bucket=settings.bucket, Key=checkpoint + name, Body=body.encode())
 
     assert pipeline.unread_landed_files(settings) == 3
+
+
+def test_url_refuses_a_document_not_published_yet_then_says_when_expiry_was_shortened(
+    fresh_bucket: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = fresh_bucket
+    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
+
+    code = main.main(["url", "u-1"])
+
+    error = capsys.readouterr().err
+    assert code == main.EXIT_ERROR
+    assert error.count("\n") == 1
+    assert f"s3://{settings.bucket}/{layout.global_feed_key()}" in error
+    assert "encore batch" in error
+
+    boto3.client("s3", **settings.boto3_kwargs()).put_object(
+        Bucket=settings.bucket, Key=layout.global_feed_key(), Body=b"{}"
+    )
+    code = main.main(["url", "u-1", "--expires-in", str(8 * 24 * 3600)])
+
+    printed = capsys.readouterr()
+    assert code == main.EXIT_OK
+    assert json.loads(printed.out)["expires_in"] == 7 * 24 * 3600
+    assert "expiry shortened to 604800 s" in printed.err
