@@ -43,11 +43,12 @@ def run_demo(
     """Run the pipeline on the export; ``say`` reports each stage's outcome and
     ``progress`` makes the bars of the long ones (None: no bars)."""
     root = state_dir()
-    for leftover in ("summary.json", "report.html"):
-        (root / leftover).unlink(missing_ok=True)
     started = time.monotonic()
     anchor = datetime.now(UTC).replace(microsecond=0)
     with local_stack(root) as stack:
+        # Only once the stack is ours: a refused run leaves the last run's results alone.
+        for leftover in ("summary.json", "report.html"):
+            (root / leftover).unlink(missing_ok=True)
         settings = stack.settings.replace(presign_secret=secrets.token_hex(16))
         say(
             f"stack up: postgres {stack.postgres.port if stack.postgres else '(external)'}, "
@@ -58,7 +59,7 @@ def run_demo(
         load = pipeline.load_export(
             settings,
             export_path,
-            root / "rejects" / "user_interaction.rejects.csv",
+            root / "rejects" / f"{export_path.stem}.rejects.csv",
             anchor,
             progress=progress,
         )
@@ -99,6 +100,8 @@ def run_demo(
             if bid_log.exists():
                 nightly["metrics_bid_log"] = evaluate_bid_log(spark, str(bid_log), settings)
                 say(f"evaluated the same model on the eBay bid log ({bid_log})")
+            else:
+                say(f"no eBay bid log at {bid_log} (beside the export's folder): not evaluated")
         finally:
             spark.stop()
         spark_s = time.monotonic() - spark_started

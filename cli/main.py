@@ -40,13 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("up", help="start Postgres and the AWS endpoint and leave them running")
     commands.add_parser("down", help="stop what `encore up` started")
     commands.add_parser("status", help="slot lag, events captured and landed, feed age, last night")
+    load = commands.add_parser(
+        "load",
+        help="load an export into the running stack and replay its bids, captured and landed",
+    )
+    load.add_argument("export", type=Path, help="a CSV shaped like the marketplace's export")
     commands.add_parser("capture", help="run the capture Lambda once against the running stack")
     commands.add_parser("land", help="run the local Firehose stand-in once")
     commands.add_parser("stream", help="run the popularity job over everything landed, then stop")
     commands.add_parser("batch", help="run the nightly recommendation job once")
     url = commands.add_parser("url", help="print a presigned URL for a user's recommendations")
     url.add_argument("user_id")
-    url.add_argument("--expires-in", type=int, default=900, help="seconds (capped at 7 days)")
+    url.add_argument(
+        "--expires-in", type=_positive_int, default=900, help="seconds (capped at 7 days)"
+    )
 
     settings = commands.add_parser("settings", help="print the settings table")
     settings.add_argument(
@@ -118,7 +125,7 @@ def _up(args: argparse.Namespace) -> int:
     if running_stack() is not None:
         print("a local stack is already up (`encore down` stops it)")
         return EXIT_OK
-    stack = start_stack(fresh=False)
+    stack = start_stack(fresh=True)
     pipeline.prepare_database(stack.settings)
     _print(
         {
@@ -174,6 +181,40 @@ def _spark_job(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from cli import operate, pipeline
+    from cli.progress import Progress, counting
+    from cli.stack import state_dir
+
+    settings = operate.current().settings
+    anchor = datetime.now(UTC).replace(microsecond=0)
+    pipeline.prepare_database(settings)
+    load = pipeline.load_export(
+        settings,
+        args.export,
+        state_dir() / "rejects" / f"{args.export.stem}.rejects.csv",
+        anchor,
+        progress=Progress,
+    )
+    with counting(Progress, "replay", len(load.bids), "bids") as on_progress:
+        flow = pipeline.replay_live(settings, load, anchor, on_progress=on_progress)
+    _print(
+        {
+            "rows_read": load.export.rows_read,
+            "rows_rejected": len(load.export.rejected),
+            "rejects_file": str(load.rejects_path),
+            "listings": len(load.listings),
+            "bids_inserted": flow.bids_inserted,
+            "auctions_closed": flow.auctions_closed,
+            "changes_captured": flow.changes_captured,
+            "landed": flow.landed,
+        }
+    )
+    return EXIT_OK
+
+
 def _url(args: argparse.Namespace) -> int:
     """Print the URL the app would get; refuse one for a document that does not exist yet."""
     import boto3
@@ -225,6 +266,13 @@ def _settings(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def _print(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
@@ -234,6 +282,7 @@ COMMANDS = {
     "up": _up,
     "down": _down,
     "status": _status,
+    "load": _load,
     "capture": _capture,
     "land": _land,
     "stream": _spark_job,

@@ -132,6 +132,13 @@ def insert_bids(
             on_progress(len(chunk))
         if pause_s:
             time.sleep(pause_s)
+    with conn, conn.cursor() as cursor:
+        # The replay gives ids itself: move the identity past them, so the marketplace's
+        # own inserts (which let Postgres pick the id) do not collide with a replayed bid.
+        cursor.execute(
+            "SELECT setval(pg_get_serial_sequence('bids', 'id'),"
+            " GREATEST((SELECT max(id) FROM bids), 1))"
+        )
     logger.info("replayed %d bids (%d new)", len(bids), inserted)
     return inserted
 
