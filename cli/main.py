@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (`encore status | head`): nothing left to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except _expected_errors() as exc:
         print(f"encore {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR

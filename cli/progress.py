@@ -95,7 +95,9 @@ class Progress:
             filled = int(share * self.width)
             bar = "#" * filled + "-" * (self.width - filled)
             shown = f"[{bar}] {share:4.0%} {self.done:,}/{self.total:,} {self.unit}"
-        self.stream.write(f"{prefix}{self.label:<10} {shown} ({rate:,.0f}/s){suffix}")
+        # Slow steps (stages of a job) read better as elapsed time than as a rate.
+        pace = f"{rate:,.0f}/s" if rate >= 1 else f"{self._clock() - self.started:,.0f} s"
+        self.stream.write(f"{prefix}{self.label:<10} {shown} ({pace}){suffix}")
         self.stream.flush()
         self._written = self.done
 

@@ -88,3 +88,13 @@ def test_progress_on_a_terminal_redraws_one_line() -> None:
     text = stream.getvalue()
     assert text.count("\r") == 5 and text.endswith("\n") and text.count("\n") == 1
     assert text.rsplit("\r", 1)[1].startswith("replay     [####] 100% 4/4 bids")
+
+
+def test_slow_steps_show_the_time_taken_instead_of_a_rate() -> None:
+    stream, clock = io.StringIO(), Clock()
+    bar = Progress("nightly", 5, "stages", stream=stream, clock=clock)
+    clock.now = 40.0
+    bar.advance(5)
+    bar.finish()
+
+    assert stream.getvalue().rstrip().endswith("5/5 stages (40 s)")

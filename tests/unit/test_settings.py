@@ -51,3 +51,20 @@ def test_parse_bool_refuses_anything_else() -> None:
 )
 def test_redact_dsn_hides_the_password(dsn: str, shown: str) -> None:
     assert redact_dsn(dsn) == shown
+
+
+def test_settings_command_piped_into_a_reader_that_stops_early_is_quiet() -> None:
+    import subprocess
+    import sys
+
+    pipeline = subprocess.run(
+        f"{sys.executable} -m cli.main settings | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert pipeline.returncode == 0
+    assert pipeline.stdout.startswith("| variable")
+    assert pipeline.stderr == ""
