@@ -14,8 +14,19 @@ WIDTH, BAR_HEIGHT, GAP = 640, 22, 6
 PALETTE = ("#3b6ea5", "#e07b39", "#5a9e6f", "#b5485d", "#7d6bb3", "#8c8c8c")
 
 
-def _bars(title: str, rows: list[tuple[str, float]], unit: str = "") -> str:
-    """A horizontal bar chart as an SVG figure."""
+#: Characters of a bar's label that fit its 260 pixels at the page's font size.
+LABEL_CHARS = 34
+MODEL_COLOURS = {"als": PALETTE[0], "popularity": PALETTE[1]}
+
+
+def _label(text: str) -> str:
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "\u2026"
+
+
+def _bars(
+    title: str, rows: list[tuple[str, float]], unit: str = "", colours: list[str] | None = None
+) -> str:
+    """A horizontal bar chart as an SVG figure; ``colours`` gives each bar's (default: in turn)."""
     if not rows:
         return f"<p>{html.escape(title)}: nothing to show.</p>"
     top = max((value for _, value in rows), default=0) or 1
@@ -30,9 +41,9 @@ def _bars(title: str, rows: list[tuple[str, float]], unit: str = "") -> str:
         length = (WIDTH - label_width - 90) * value / top
         parts.append(
             f'<text x="{label_width - 8}" y="{y + 15}" text-anchor="end">'
-            f"{html.escape(label[:48])}</text>"
+            f"{html.escape(_label(label))}</text>"
             f'<rect x="{label_width}" y="{y}" width="{length:.1f}" height="{BAR_HEIGHT}" '
-            f'fill="{PALETTE[number % len(PALETTE)]}"/>'
+            f'fill="{colours[number] if colours else PALETTE[number % len(PALETTE)]}"/>'
             f'<text x="{label_width + length + 6:.1f}" y="{y + 15}">{_number(value)}{unit}</text>'
         )
     parts.append("</svg>")
@@ -100,15 +111,22 @@ def render_report(summary: dict[str, Any]) -> str:
         (f"{item['rank']}. {item['title']}", float(item["trending_score"]))
         for item in popularity["top10"]
     ]
-    metric_rows = []
+    metric_rows: list[tuple[str, float]] = []
+    metric_colours: list[str] = []
     evaluated = recs.get("metrics_bid_log") or {}
     bid_log = {model: evaluated[model] for model in ("als", "popularity") if model in evaluated}
     for data, metrics in (("export", recs.get("metrics") or {}), ("eBay", bid_log)):
-        for model, values in metrics.items():
-            if isinstance(values, dict):
-                for name, value in values.items():
-                    if isinstance(value, int | float):
-                        metric_rows.append((f"{data} {model} {name}", float(value)))
+        models = [model for model in MODEL_COLOURS if isinstance(metrics.get(model), dict)]
+        names = (
+            [name for name, value in metrics.get(models[0], {}).items() if models] if models else []
+        )
+        # Each metric's models side by side, ALS and popularity each in its own colour.
+        for name in names:
+            for model in models:
+                value = metrics[model].get(name)
+                if isinstance(value, int | float):
+                    metric_rows.append((f"{data} {model} {name}", float(value)))
+                    metric_colours.append(MODEL_COLOURS[model])
     checks = summary.get("checks", {})
     verdict = "all checks passed" if checks.get("passed") else "; ".join(checks.get("problems", []))
     body = "".join(
@@ -118,7 +136,11 @@ def render_report(summary: dict[str, Any]) -> str:
             _bars("Bids at each stage", stages),
             _lines("Bids inserted and events landed during the replay", lag, "s"),
             _bars("Popularity leaders (trending score, live listings)", leaders),
-            _bars("Evaluation on held-out bids: ALS against the popularity baseline", metric_rows),
+            _bars(
+                "Evaluation on held-out bids: ALS against the popularity baseline",
+                metric_rows,
+                colours=metric_colours,
+            ),
             f"<p>Rows rejected from the export: {export['rows_rejected']} "
             f"(<code>{html.escape(str(export['rejects_file']))}</code>).</p>",
         ]

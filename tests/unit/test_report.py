@@ -75,3 +75,37 @@ def test_report_without_leaders_or_metrics_says_so_instead_of_an_empty_plot() ->
     text = "".join(parser.texts)
     assert "Popularity leaders (trending score, live listings): nothing to show." in text
     assert "ALS against the popularity baseline: nothing to show." in text
+
+
+def test_evaluation_bars_pair_each_metric_and_colour_them_by_model() -> None:
+    import re
+
+    from cli.report import MODEL_COLOURS
+
+    page = render_report(SUMMARY)
+    plot = page[page.index("Evaluation on held-out bids") :]
+    plot = plot[: plot.index("</svg>")]
+
+    labels = re.findall(r'text-anchor="end">([^<]+)</text>', plot)
+    fills = re.findall(r'<rect [^>]*fill="([^"]+)"', plot)
+    assert labels == [
+        "export als precision_at_10",
+        "export popularity precision_at_10",
+        "export als ndcg_at_10",
+        "export popularity ndcg_at_10",
+    ]
+    assert fills == [MODEL_COLOURS["als"], MODEL_COLOURS["popularity"]] * 2
+
+
+def test_long_leader_labels_are_shortened_so_their_rank_stays_visible() -> None:
+    summary = {
+        **SUMMARY,
+        "popularity": {
+            "total_bids": 1,
+            "top10": [{"rank": 1, "title": "A very long title " * 5, "trending_score": 1.0}],
+        },
+    }
+
+    page = render_report(summary)
+
+    assert "1. A very long title A very long \u2026" in page
