@@ -180,29 +180,45 @@ def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) 
         _measure_nightly(args, base, figures, spark)
 
 
+def _collect(
+    figures: dict[str, Any], runs: list[dict[str, Any]], names: dict[str, tuple[str, str]]
+) -> None:
+    """Add a figure for each ``name: (key in a run, unit)`` from the runs of one measurement."""
+    for name, (key, unit) in names.items():
+        figures[name] = _figure([run[key] for run in runs], unit)
+
+
 def _measure_capture(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) -> None:
-    capture_runs = _repeat(args.repeat, lambda: capture_bench.measure(_fresh(base), args.changes))
-    figures["capture.events_per_s"] = _figure(
-        [run["events_per_s"] for run in capture_runs], "events/s"
-    )
-    figures["capture.raw_slot_events_per_s"] = _figure(
-        [run["raw_events_per_s"] for run in capture_runs], "events/s"
+    runs = _repeat(args.repeat, lambda: capture_bench.measure(_fresh(base), args.changes))
+    _collect(
+        figures,
+        runs,
+        {
+            "capture.events_per_s": ("events_per_s", "events/s"),
+            "capture.raw_slot_events_per_s": ("raw_events_per_s", "events/s"),
+        },
     )
     backlog = capture_bench.measure(_fresh(base), args.backlog)
-    figures["capture.peak_rss_mb"] = _figure([backlog["peak_rss_mb"]], "MB")
-    figures["capture.backlog_events"] = _figure([backlog["events"]], "events")
-    figures["capture.backlog_invocations"] = _figure([backlog["runs"]], "invocations")
+    _collect(
+        figures,
+        [backlog],
+        {
+            "capture.peak_rss_mb": ("peak_rss_mb", "MB"),
+            "capture.backlog_events": ("events", "events"),
+            "capture.backlog_invocations": ("runs", "invocations"),
+        },
+    )
 
 
 def _measure_landing(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) -> None:
-    landing_runs = _repeat(
-        args.repeat, lambda: landing_bench.measure(_fresh(base), args.landing_events)
-    )
-    figures["landing.events_per_s"] = _figure(
-        [run["events_per_s"] for run in landing_runs], "events/s"
-    )
-    figures["landing.raw_put_events_per_s"] = _figure(
-        [run["raw_events_per_s"] for run in landing_runs], "events/s"
+    runs = _repeat(args.repeat, lambda: landing_bench.measure(_fresh(base), args.landing_events))
+    _collect(
+        figures,
+        runs,
+        {
+            "landing.events_per_s": ("events_per_s", "events/s"),
+            "landing.raw_put_events_per_s": ("raw_events_per_s", "events/s"),
+        },
     )
 
 
@@ -210,19 +226,30 @@ def _measure_popularity(
     args: argparse.Namespace, base: Settings, figures: dict[str, Any], spark: Any
 ) -> None:
     freshness = popularity_bench.measure_freshness(spark, _fresh(base), args.freshness_samples)
-    figures["popularity.freshness_p50_s"] = _figure([freshness["p50_s"]], "s")
-    figures["popularity.freshness_p95_s"] = _figure([freshness["p95_s"]], "s")
-    figures["popularity.freshness_max_s"] = _figure([freshness["max_s"]], "s")
-    figures["popularity.first_feed_s"] = _figure([freshness["first_feed_s"]], "s")
-    stream_runs = _repeat(
+    _collect(
+        figures,
+        [freshness],
+        {
+            "popularity.freshness_p50_s": ("p50_s", "s"),
+            "popularity.freshness_p95_s": ("p95_s", "s"),
+            "popularity.freshness_max_s": ("max_s", "s"),
+            "popularity.first_feed_s": ("first_feed_s", "s"),
+        },
+    )
+    runs = _repeat(
         args.repeat,
         lambda: popularity_bench.measure_throughput(spark, _fresh(base), args.stream_events),
     )
-    figures["popularity.events_per_s_per_core"] = _figure(
-        [run["events_per_s_per_core"] for run in stream_runs], "events/s/core"
-    )
-    figures["popularity.plain_count_rows_per_s_per_core"] = _figure(
-        [run["count_rows_per_s_per_core"] for run in stream_runs], "rows/s/core"
+    _collect(
+        figures,
+        runs,
+        {
+            "popularity.events_per_s_per_core": ("events_per_s_per_core", "events/s/core"),
+            "popularity.plain_count_rows_per_s_per_core": (
+                "count_rows_per_s_per_core",
+                "rows/s/core",
+            ),
+        },
     )
 
 
@@ -234,13 +261,13 @@ def _measure_nightly(
         args.nightly_repeat,
         lambda: nightly_bench.measure(spark, _fresh(base), shape, args.nightly_users, args.seed),
     )
-    figures["nightly.users"] = _figure([night["users"] for night in nights], "users")
-    figures["nightly.bids"] = _figure([night["bids"] for night in nights], "bids")
-    for name in nights[0]:
-        if name.endswith("_per_s"):
-            figures[f"nightly.{name}"] = _figure([night[name] for night in nights], "per s")
-        elif name.endswith("_s"):
-            figures[f"nightly.{name}"] = _figure([night[name] for night in nights], "s")
+    names = {"nightly.users": ("users", "users"), "nightly.bids": ("bids", "bids")}
+    for key in nights[0]:
+        if key.endswith("_per_s"):
+            names[f"nightly.{key}"] = (key, "per s")
+        elif key.endswith("_s"):
+            names[f"nightly.{key}"] = (key, "s")
+    _collect(figures, nights, names)
 
 
 def markdown(report: dict[str, Any]) -> str:

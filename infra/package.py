@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         artifacts = build(args.build_dir)
     except PackagingError as exc:
-        print(f"packaging failed: {exc}", file=sys.stderr)
+        logger.error("packaging failed: %s", exc)
         return 2
     summary = {
         name: {

@@ -14,11 +14,12 @@ Tests that need an isolated bucket use ``fresh_bucket``.
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,26 @@ def fresh_bucket(base_settings: Settings) -> Settings:
     )
     provision(settings)
     return settings
+
+
+@pytest.fixture
+def export_head(shared_data: Path, tmp_path: Path) -> Callable[..., Path]:
+    """Writes the export's header and first ``rows`` rows, as exported (quotes, spaces and
+    all), then the ``extra`` rows, to ``slice.csv``; returns its path."""
+
+    def write(rows: int, extra: Sequence[Sequence[str]] = ()) -> Path:
+        source = shared_data / "encore" / "user_interaction.csv"
+        target = tmp_path / "slice.csv"
+        with open(source, newline="") as handle, open(target, "w", newline="") as out:
+            writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
+            for number, row in enumerate(csv.reader(handle)):
+                if number > rows:
+                    break
+                writer.writerow(row)
+            writer.writerows(extra)
+        return target
+
+    return write
 
 
 @pytest.fixture(scope="session")

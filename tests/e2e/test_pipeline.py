@@ -7,9 +7,9 @@ both Spark jobs on local Spark reading and writing through s3a.
 
 from __future__ import annotations
 
-import csv
 import json
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -28,19 +28,15 @@ ANCHOR = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
 
 @pytest.fixture
-def export_slice(shared_data: Path, tmp_path: Path) -> Path:
-    """The export's header and first rows, as exported (quotes, spaces and all)."""
-    source = shared_data / "encore" / "user_interaction.csv"
-    target = tmp_path / "slice.csv"
-    with open(source, newline="") as handle, open(target, "w", newline="") as out:
-        writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
-        for number, row in enumerate(csv.reader(handle)):
-            if number > SLICE_ROWS:
-                break
-            writer.writerow(row)
-        writer.writerow(["", "nobody", "Toys", "Funko", "Orphan", "1", "1", "5"])
-        writer.writerow(["u-bad", "bad", "Toys", "Funko", "Priceless", "1", "1", "lots"])
-    return target
+def export_slice(export_head: Callable[..., Path]) -> Path:
+    """The export's first rows as exported, then two rows the loader must reject."""
+    return export_head(
+        SLICE_ROWS,
+        [
+            ["", "nobody", "Toys", "Funko", "Orphan", "1", "1", "5"],
+            ["u-bad", "bad", "Toys", "Funko", "Priceless", "1", "1", "lots"],
+        ],
+    )
 
 
 def run_everything(settings: Settings, export: Path, rejects: Path, spark: Any) -> dict[str, Any]:

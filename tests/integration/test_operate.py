@@ -7,10 +7,10 @@ is needed.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -32,17 +32,14 @@ ANCHOR = datetime(2026, 12, 1, 12, tzinfo=UTC)
 SLICE_ROWS = 30
 
 
+def use_stack(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    """Make the command line's stack the test's own database and bucket."""
+    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
+
+
 @pytest.fixture
-def export_slice(shared_data: Path, tmp_path: Path) -> Path:
-    source = shared_data / "encore" / "user_interaction.csv"
-    target = tmp_path / "slice.csv"
-    with open(source, newline="") as handle, open(target, "w", newline="") as out:
-        writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
-        for number, row in enumerate(csv.reader(handle)):
-            if number > SLICE_ROWS:
-                break
-            writer.writerow(row)
-    return target
+def export_slice(export_head: Callable[..., Path]) -> Path:
+    return export_head(SLICE_ROWS)
 
 
 @pytest.fixture
@@ -142,7 +139,7 @@ def test_land_command_shows_the_records_it_moved(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings, _, _ = replayed
-    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
+    use_stack(monkeypatch, settings)
     with psycopg2.connect(settings.require_dsn()) as conn, conn.cursor() as cursor:
         cursor.execute(
             "UPDATE listings SET price = price + 1 WHERE id = (SELECT min(id) FROM listings)"
@@ -165,7 +162,7 @@ def test_status_command_prints_the_report_as_json(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings, flow, _ = replayed
-    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
+    use_stack(monkeypatch, settings)
 
     code = main.main(["status"])
 
@@ -218,7 +215,7 @@ def test_url_refuses_a_document_not_published_yet_then_says_when_expiry_was_shor
     fresh_bucket: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = fresh_bucket
-    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
+    use_stack(monkeypatch, settings)
 
     code = main.main(["url", "u-1"])
 
@@ -247,7 +244,7 @@ def test_load_command_replays_an_export_into_the_running_stack(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = fresh_database
-    monkeypatch.setattr(operate, "current", lambda: LocalStack(settings, None, None))
+    use_stack(monkeypatch, settings)
     monkeypatch.setenv("ENCORE_STATE_DIR", str(tmp_path))
 
     code = main.main(["load", str(export_slice)])

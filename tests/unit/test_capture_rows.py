@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import pgoutput_wire
 import pytest
 
 from encore import events
@@ -23,22 +24,10 @@ LISTINGS_OID = 16_500
 
 
 def relation(oid: int, table: str, columns: list[str]) -> bytes:
-    body = b"".join(b"\1" + name.encode() + b"\0" + struct.pack("!ii", 25, -1) for name in columns)
-    header = struct.pack("!i", oid) + b"public\0" + table.encode() + b"\0f"
-    return b"R" + header + struct.pack("!h", len(columns)) + body
+    return pgoutput_wire.relation(oid, table, [(name, 25) for name in columns])
 
 
-def values(*items: object) -> bytes:
-    out = struct.pack("!h", len(items))
-    for item in items:
-        if item is None:
-            out += b"n"
-        elif item is UNCHANGED:
-            out += b"u"
-        else:
-            text = str(item).encode()
-            out += b"t" + struct.pack("!i", len(text)) + text
-    return out
+values = pgoutput_wire.tuple_data
 
 
 def transaction(*changes: bytes) -> list[tuple[str, bytes]]:

@@ -6,6 +6,7 @@ import struct
 from datetime import UTC, datetime
 
 import pytest
+from pgoutput_wire import relation, tuple_data
 
 from lambdas.capture.pgoutput import (
     UNCHANGED,
@@ -25,31 +26,7 @@ POSTGRES_MICROS += COMMIT_TIME.microsecond
 
 def relation_message(oid: int = BIDS_OID) -> bytes:
     columns = [("id", 20), ("listing_id", 20), ("bidder_id", 25), ("amount", 1700)]
-    body = b"".join(
-        struct.pack("!b", 1) + name.encode() + b"\0" + struct.pack("!ii", type_oid, -1)
-        for name, type_oid in columns
-    )
-    return (
-        b"R"
-        + struct.pack("!I", oid)
-        + b"public\0bids\0"
-        + b"f"
-        + struct.pack("!h", len(columns))
-        + body
-    )
-
-
-def tuple_data(*values: object) -> bytes:
-    out = struct.pack("!h", len(values))
-    for value in values:
-        if value is None:
-            out += b"n"
-        elif value is UNCHANGED:
-            out += b"u"
-        else:
-            assert isinstance(value, bytes)
-            out += b"t" + struct.pack("!i", len(value)) + value
-    return out
+    return relation(oid, "bids", columns)
 
 
 def decoder_with_bids() -> Decoder:
