@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.purge_bucket and not args.delete:
-        logger.error("--purge-bucket goes with --delete")
+        print("--purge-bucket goes with --delete", file=sys.stderr)
         return 2
     code_prefix = args.code_prefix if args.code_prefix.endswith("/") else args.code_prefix + "/"
 
@@ -526,14 +526,14 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
         clients = clients or AwsClients.for_settings(settings)
         if args.delete:
             delete(clients, args.stack, purge_bucket=args.purge_bucket, poll_s=args.poll_seconds)
-            logger.info("stack %s deleted", args.stack)
+            print(f"stack {args.stack} deleted")
             return 0
         if args.start_popularity:
             stack = describe_stack(clients.cloudformation, args.stack)
             if stack is None:
                 raise DeployError(f"there is no stack {args.stack}: deploy it first")
             run_id = start_popularity(clients.emr, outputs_of(stack), args.popularity_options)
-            logger.info("popularity job started: job run %s", run_id)
+            print(f"popularity job started: job run {run_id}")
             return 0
         outputs = deploy(
             clients,
@@ -544,15 +544,15 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
             poll_s=args.poll_seconds,
         )
     except (DeployError, SettingsError, package.PackagingError, ClientError) as exc:
-        logger.error("deploy failed: %s", exc)
+        print(f"deploy failed: {exc}", file=sys.stderr)
         return 2
     except StackFailed as exc:
-        logger.error("deploy failed: %s", exc)
+        print(f"deploy failed: {exc}", file=sys.stderr)
         return 1
 
     for key, value in sorted(outputs.items()):
         print(f"{key}: {value}")
-    logger.info("stack %s is deployed (%d outputs)", args.stack, len(outputs))
+    print(f"stack {args.stack} is deployed ({len(outputs)} outputs)")
     return 0
 
 

@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         artifacts = build(args.build_dir)
     except PackagingError as exc:
-        logger.error("packaging failed: %s", exc)
+        print(f"packaging failed: {exc}", file=sys.stderr)
         return 2
     summary = {
         name: {
