@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--landing-events", type=int, default=50_000)
     parser.add_argument("--freshness-samples", type=int, default=20)
     parser.add_argument("--stream-events", type=int, default=50_000)
+    parser.add_argument(
+        "--day-users",
+        type=int,
+        default=100_000,
+        help="active users of the simulated day landed hour by hour for the popularity job",
+    )
+    parser.add_argument(
+        "--day-batch-hours", type=int, default=1, help="hours of the simulated day per batch"
+    )
     parser.add_argument("--nightly-users", type=int, default=100_000)
     parser.add_argument(
         "--nightly-repeat",
@@ -249,6 +258,26 @@ def _measure_popularity(
                 "count_rows_per_s_per_core",
                 "rows/s/core",
             ),
+        },
+    )
+    day = popularity_bench.measure_day(
+        spark,
+        _fresh(base),
+        traffic.learn_shape(DATA),
+        args.day_users,
+        args.seed,
+        batch_hours=args.day_batch_hours,
+    )
+    _collect(
+        figures,
+        [day],
+        {
+            "popularity.day_events": ("day_events", "events"),
+            "popularity.hourly_batch_median_s": ("hourly_batch_median_s", "s"),
+            "popularity.hourly_batch_max_s": ("hourly_batch_max_s", "s"),
+            "popularity.largest_state_events": ("largest_state_events", "events"),
+            "popularity.last_state_events": ("last_state_events", "events"),
+            "popularity.whole_day_batch_s": ("whole_day_batch_s", "s"),
         },
     )
 

@@ -1,9 +1,11 @@
-"""Popularity figures computed from the stored events, and the feed documents built from them.
+"""Popularity figures computed from the state, and the feed documents built from them.
 
-Everything here is a pure function of the stored events (``state/popularity/events/``),
-never of what happened to arrive in one micro-batch. That is what makes the feeds
-exact: a duplicate, a retried batch or a restart can change which rows are stored
-twice, but not which distinct events exist, so the feeds come out the same.
+Everything here is a pure function of the state (:mod:`spark_streaming.state`): the
+distinct events of the listings still in play, plus the running totals of the
+listings folded out of it. It never depends on what happened to arrive in one
+micro-batch. That is what makes the feeds exact: a duplicate, a retried batch or a
+restart can change which copies arrived twice, but not which distinct events
+exist, so the feeds come out the same.
 
 How the state is read
 ---------------------
@@ -19,7 +21,8 @@ How the state is read
   sub-category and status. A listing leaves the feeds when it is deleted or its
   status is not ``live``. A listing with bids but no listing event yet (the capture
   began after it was created) is treated as live, with no title or category: it
-  appears in the global feed but in no category feed.
+  appears in the global feed but in no category feed, until a week without any
+  change folds it out of the state.
 
 Figures per listing
 -------------------
@@ -39,13 +42,15 @@ holds bids with age in ``[0, 3600)`` seconds, likewise 24 h and 7 days.
   which Spark happens to add the terms.
 
 Totals count every standing bid, whatever its listing's status: bids, their
-amount and the listings they are on, all time. A category feed's totals cover the
-listings of that category.
+amount and the listings they are on, all time, folded listings included. A
+category feed's totals cover the listings of that category.
 
 Late events: when a batch stores its events, a bid placed more than ``watermark_s``
 before the newest bid stored by earlier batches is marked late (:func:`mark_late`).
 The mark is stored with the event, so a rerun of the batch marks the same events.
-A late bid still counts everywhere; it is only counted and logged.
+A late bid still counts everywhere; it is only counted and logged. The one
+exception is an event for a listing already folded out of the state: it is
+quarantined and counted as unapplied (see :mod:`spark_streaming.state`).
 
 Limitations: the contract carries no change LSN, so two changes of one row in one
 transaction share a commit LSN and commit time. They are ordered by operation
@@ -109,6 +114,104 @@ class Feed:
 
 
 @dataclass(frozen=True)
+class Folded:
+    """What left the state's events tier: closed listings and their events (see
+    :mod:`spark_streaming.state`)."""
+
+    listings: int = 0
+    events: int = 0
+    bid_events: int = 0
+    late_events: int = 0
+    #: Late events among those stored by the batch that folded them.
+    late_in_batch: int = 0
+    #: Batches whose folders hold the folded listing ids in effect.
+    parts: tuple[int, ...] = ()
+    #: Standing bids, amount and listings folded, per category (None: no category).
+    totals: Mapping[str | None, Totals] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "listings": self.listings,
+            "events": self.events,
+            "bid_events": self.bid_events,
+            "late_events": self.late_events,
+            "late_in_batch": self.late_in_batch,
+            "parts": list(self.parts),
+            "categories": [
+                {"category": category, **totals.as_json()}
+                for category, totals in sorted(
+                    self.totals.items(), key=lambda item: (item[0] is not None, item[0] or "")
+                )
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Folded:
+        return cls(
+            listings=data["listings"],
+            events=data["events"],
+            bid_events=data["bid_events"],
+            late_events=data["late_events"],
+            late_in_batch=data["late_in_batch"],
+            parts=tuple(data["parts"]),
+            totals={
+                row["category"]: Totals(row["bids"], Decimal(row["amount"]), row["listings"])
+                for row in data["categories"]
+            },
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The running figures of the state after batch ``batch_id``."""
+
+    batch_id: int
+    #: Valid event rows applied by every batch so far, duplicates included.
+    stored_rows: int = 0
+    #: Distinct events in the events tier.
+    state_events: int = 0
+    newest_bid_us: int | None = None
+    #: The newest ``placed_at`` (bids) or ``commit_time`` (other events).
+    complete_up_to_us: int | None = None
+    #: The newest time an event touched its row: the state's clock for folding.
+    newest_change_us: int | None = None
+    #: Events that arrived for a folded listing, quarantined rather than applied.
+    unapplied_events: int = 0
+    folded: Folded = field(default_factory=Folded)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "stored_rows": self.stored_rows,
+            "state_events": self.state_events,
+            "newest_bid_us": self.newest_bid_us,
+            "complete_up_to_us": self.complete_up_to_us,
+            "newest_change_us": self.newest_change_us,
+            "unapplied_events": self.unapplied_events,
+            "folded": self.folded.as_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Progress:
+        return cls(
+            batch_id=data["batch_id"],
+            stored_rows=data["stored_rows"],
+            state_events=data["state_events"],
+            newest_bid_us=data["newest_bid_us"],
+            complete_up_to_us=data["complete_up_to_us"],
+            newest_change_us=data["newest_change_us"],
+            unapplied_events=data["unapplied_events"],
+            folded=Folded.from_json(data["folded"]),
+        )
+
+    def watermark_us(self, watermark_s: float) -> int | None:
+        """Bids placed before this are late: the newest bid stored so far, less the watermark."""
+        if self.newest_bid_us is None:
+            return None
+        return self.newest_bid_us - round(watermark_s * 1_000_000)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The figures of every feed at one moment, and the counters behind them."""
 
@@ -117,6 +220,9 @@ class Snapshot:
     bid_events: int = 0
     late_events: int = 0
     late_in_batch: int = 0
+    state_events: int = 0
+    folded_listings: int = 0
+    unapplied_events: int = 0
     reference_us: int | None = None
     complete_up_to_us: int | None = None
     overall: Feed = field(default_factory=lambda: Feed(None))
@@ -226,40 +332,16 @@ def mark_late(batch_events: DataFrame, watermark_us: int | None) -> DataFrame:
     return batch_events.withColumn("late", F.coalesce(late, F.lit(False)))
 
 
-def watermark_before(state: DataFrame, batch_id: int, watermark_s: float) -> int | None:
-    """The newest ``placed_at`` stored by batches before ``batch_id``, less the watermark."""
-    row = (
-        state.filter((F.col("batch_id") < batch_id) & (F.col("event_type") == "bid"))
-        .agg(F.max(F.unix_micros("placed_at")).alias("newest_us"))
-        .first()
-    )
-    if row is None or row["newest_us"] is None:
-        return None
-    return int(row["newest_us"]) - round(watermark_s * 1_000_000)
+def event_counts(events: DataFrame, batch_id: int | None) -> Row:
+    """Distinct events, bid events and late events of the events tier (one row per event).
 
-
-def event_counts(state: DataFrame, batch_id: int | None) -> Row:
-    """Stored rows, distinct events, bid events, newest times and late events.
-
-    Copies of one event are the same change, so any copy gives its type and times;
-    its late mark is the first copy's (the lowest batch).
+    ``late_in_batch`` counts the late events that batch ``batch_id`` stored.
     """
-    per_event = state.groupBy("event_id").agg(
-        F.count(F.lit(1)).alias("copies"),
-        F.max(F.col("event_type") == "bid").alias("is_bid"),
-        F.max("placed_at").alias("placed_at"),
-        F.max("commit_time").alias("commit_time"),
-        F.min("batch_id").alias("first_batch"),
-        F.min_by("late", "batch_id").alias("late"),
-    )
-    counts = per_event.agg(
-        F.sum("copies").alias("stored_rows"),
+    counts = events.agg(
         F.count(F.lit(1)).alias("distinct_events"),
-        F.count(F.when(F.col("is_bid"), True)).alias("bid_events"),
-        F.max(F.when(F.col("is_bid"), F.unix_micros("placed_at"))).alias("newest_bid_us"),
-        F.max(F.unix_micros(F.coalesce("placed_at", "commit_time"))).alias("complete_up_to_us"),
+        F.count(F.when(F.col("event_type") == "bid", True)).alias("bid_events"),
         F.count(F.when(F.col("late"), True)).alias("late_events"),
-        F.count(F.when(F.col("late") & (F.col("first_batch") == F.lit(batch_id)), True)).alias(
+        F.count(F.when(F.col("late") & (F.col("batch_id") == F.lit(batch_id)), True)).alias(
             "late_in_batch"
         ),
     ).first()
@@ -289,39 +371,69 @@ def latest_per_key(changes: DataFrame, key: str) -> DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class Tables:
+    """Per-listing tables of a set of events: latest attributes, and figures of listings
+    with standing bids (see :func:`listing_attributes` and :func:`listing_figures`)."""
+
+    attributes: DataFrame
+    figures: DataFrame
+
+
+def reference_time(now_us: int | None, progress: Progress) -> int | None:
+    """The moment windows and decay are measured from: ``now``, else the newest bid."""
+    return now_us if now_us is not None else progress.newest_bid_us
+
+
+def figure_tables(events: DataFrame, settings: Settings, reference_us: int | None) -> Tables:
+    """The per-listing tables of ``events``, persisted: the caller unpersists them."""
+    attributes = listing_attributes(events).persist()
+    figures = listing_figures(events, attributes, settings, reference_us or 0).persist()
+    return Tables(attributes, figures)
+
+
 def compute_snapshot(
-    state: DataFrame, settings: Settings, *, now_us: int | None, batch_id: int | None
+    events: DataFrame,
+    settings: Settings,
+    *,
+    now_us: int | None,
+    batch_id: int | None,
+    progress: Progress,
+    tables: Tables | None = None,
 ) -> Snapshot:
-    """Every figure of every feed from the stored events.
+    """Every figure of every feed: the events tier's plus what was folded out of it.
 
     ``batch_id`` names the micro-batch that just stored its events, so that the late
-    events it brought can be told apart; None when no batch ran.
+    events it brought can be told apart; None when no batch ran. ``tables``, if given,
+    are :func:`figure_tables` of ``events`` at :func:`reference_time`.
     """
-    stored = state.persist()
+    reference_us = reference_time(now_us, progress)
+    counts = event_counts(events, batch_id)
+    own = tables is None
+    if tables is None:
+        tables = figure_tables(events, settings, reference_us)
     try:
-        counts = event_counts(stored, batch_id)
-        reference_us = now_us if now_us is not None else counts["newest_bid_us"]
-
-        attributes = listing_attributes(stored).persist()
-        figures = listing_figures(stored, attributes, settings, reference_us or 0).persist()
-        try:
-            ranked = _top_rows(figures, settings.feed_top_n).collect()
-            totals = _category_totals(figures, attributes).collect()
-        finally:
-            figures.unpersist()
-            attributes.unpersist()
+        ranked = _top_rows(tables.figures, settings.feed_top_n).collect()
+        totals = _category_totals(tables.figures, tables.attributes).collect()
     finally:
-        stored.unpersist()
+        if own:
+            tables.figures.unpersist()
+            tables.attributes.unpersist()
 
-    overall, categories = _feeds(ranked, totals)
+    folded = progress.folded
+    overall, categories = _feeds(ranked, _with_folded(totals, folded.totals))
+    late_folded = folded.late_in_batch if batch_id == progress.batch_id else 0
     return Snapshot(
-        stored_rows=int(counts["stored_rows"] or 0),
-        distinct_events=counts["distinct_events"],
-        bid_events=counts["bid_events"],
-        late_events=counts["late_events"],
-        late_in_batch=counts["late_in_batch"],
+        stored_rows=progress.stored_rows,
+        distinct_events=counts["distinct_events"] + folded.events,
+        bid_events=counts["bid_events"] + folded.bid_events,
+        late_events=counts["late_events"] + folded.late_events,
+        late_in_batch=counts["late_in_batch"] + late_folded,
+        state_events=counts["distinct_events"],
+        folded_listings=folded.listings,
+        unapplied_events=progress.unapplied_events,
         reference_us=reference_us,
-        complete_up_to_us=counts["complete_up_to_us"],
+        complete_up_to_us=progress.complete_up_to_us,
         overall=overall,
         categories=categories,
     )
@@ -420,25 +532,32 @@ def _category_totals(figures: DataFrame, attributes: DataFrame) -> DataFrame:
     )
 
 
-def _feeds(ranked: list[Row], totals: list[Row]) -> tuple[Feed, list[Feed]]:
-    """The global feed and every category's, from the collected rows."""
+def _with_folded(rows: list[Row], folded: Mapping[str | None, Totals]) -> dict[str | None, Totals]:
+    """Totals per category: the events tier's rows plus the folded totals."""
+    totals = dict(folded)
+    for row in rows:
+        totals[row["category"]] = totals.get(row["category"], Totals()) + _totals(row)
+    return totals
+
+
+def _feeds(ranked: list[Row], totals: Mapping[str | None, Totals]) -> tuple[Feed, list[Feed]]:
+    """The global feed and every category's, from the collected rows and the totals."""
     top = sorted((row for row in ranked if row["rank"] is None), key=_ranking_key)
     overall = Feed(
         category=None,
-        totals=sum((_totals(row) for row in totals), Totals()),
+        totals=sum(totals.values(), Totals()),
         items=[feed_item(rank, row.asDict()) for rank, row in enumerate(top, start=1)],
     )
 
     per_category = []
-    for row in sorted((row for row in totals if row["category"] is not None), key=_category_of):
-        name = row["category"]
+    for name in sorted(category for category in totals if category is not None):
         ranked_rows = sorted(
             (r for r in ranked if r["rank"] is not None and r["category"] == name), key=_rank_of
         )
         per_category.append(
             Feed(
                 category=name,
-                totals=_totals(row),
+                totals=totals[name],
                 items=[feed_item(r["rank"], r.asDict()) for r in ranked_rows],
             )
         )
@@ -451,10 +570,6 @@ def _ranking_key(row: Row) -> tuple[Decimal, str]:
 
 def _rank_of(row: Row) -> int:
     return int(row["rank"])
-
-
-def _category_of(row: Row) -> str:
-    return str(row["category"])
 
 
 def _totals(row: Row) -> Totals:

@@ -10,22 +10,24 @@ Each micro-batch of landed rows goes through one ``foreachBatch`` step:
 
 1. Check every row against the contract (:mod:`spark_streaming.landing`); rejects go
    to ``quarantine/popularity/batch_id=<n>/`` with their source file and reason.
-2. Mark late bids against the bids of earlier batches, and store the valid events
-   under ``state/popularity/events/batch_id=<n>/``, overwriting that folder, so a
-   batch that is run again after a crash stores the same rows once.
-3. Recompute every feed from all stored events (:mod:`spark_streaming.feeds`),
-   counting each event id once, and publish each feed as one JSON document.
+2. Mark late bids against the newest bid of earlier batches. Events for a listing
+   that was folded (closed, and out of the state) are quarantined there too, with
+   that reason, and not applied.
+3. Write the next version of the state (:mod:`spark_streaming.state`): the earlier
+   version's events plus this batch's, one row per event id, less the listings that
+   closed and can fold into running totals.
+4. Compute every feed from that version (:mod:`spark_streaming.feeds`) and publish
+   each as one JSON document.
 
 Spark's checkpoint (``checkpoints/popularity/``) records which landed files each
 batch read, so after a restart the stream continues with the files it has not
-read, and a batch cut short is run again with the same files and the same id.
+read, and a batch cut short is run again with the same files and the same id; it
+reads the same earlier version of the state and writes the same new one.
 
-Limitations: every batch rereads all stored events, so a batch's cost grows with
-the history; the state is never compacted or trimmed (the all-time totals need
-every bid, but a running aggregate of bids older than a week would do). A category
-that no longer has any listing keeps its last published feed. Deleting the
-checkpoint without deleting the state makes batch ids start again at 0, and the
-new batches overwrite the old batches' stored events: delete both or neither.
+Limitations: a category that no longer has any listing keeps its last published
+feed. Deleting the checkpoint without deleting the state makes batch ids start
+again at 0 while the state's versions go on from where they were: delete both or
+neither.
 """
 
 from __future__ import annotations
@@ -42,24 +44,12 @@ from typing import Any
 from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import BooleanType, LongType, StringType, StructField, StructType
 
-from encore import events, layout
+from encore import layout
 from encore.settings import Settings, SettingsError
-from spark_streaming import feeds, landing
+from spark_streaming import feeds, landing, state
 
 logger = logging.getLogger(__name__)
-
-#: Contract columns kept in the state; the free-text description is not needed for feeds.
-STATE_COLUMNS: tuple[str, ...] = tuple(name for name in events.COLUMNS if name != "description")
-STATE_SCHEMA = StructType(
-    [StructField(name, landing.contract_type(name)) for name in STATE_COLUMNS]
-    + [
-        StructField(landing.SOURCE_COLUMN, StringType()),
-        StructField("late", BooleanType()),
-        StructField("batch_id", LongType()),
-    ]
-)
 
 
 class PopularityError(RuntimeError):
@@ -121,7 +111,7 @@ def run_popularity(
     now_us = None if now is None else feeds.to_micros(now)
     counters = RunCounters()
 
-    if _exists(spark, f"{base_uri}/{layout.LANDING_PREFIX}"):
+    if state.exists(spark, f"{base_uri}/{layout.LANDING_PREFIX}"):
         _run_stream(spark, base_uri, settings, available_now, now_us, counters, on_batch)
     else:
         logger.info("nothing landed under %s%s yet", base_uri, layout.LANDING_PREFIX)
@@ -129,10 +119,16 @@ def run_popularity(
     snapshot = counters.snapshot
     if snapshot is None:
         # No batch ran: nothing changed, so the published feeds stand; report on them.
-        state = _read_state(spark, base_uri)
+        progress = state.latest(spark, base_uri)
         snapshot = feeds.Snapshot(reference_us=now_us)
-        if state is not None:
-            snapshot = feeds.compute_snapshot(state, settings, now_us=now_us, batch_id=None)
+        if progress is not None:
+            snapshot = feeds.compute_snapshot(
+                state.read_events(spark, base_uri, progress),
+                settings,
+                now_us=now_us,
+                batch_id=None,
+                progress=progress,
+            )
     summary = _summary(counters, snapshot)
     logger.info(
         "popularity: %d batches, %d events read, %d quarantined, %d late, %d bids totalling %s, "
@@ -195,13 +191,18 @@ def _process_batch(
     batch_id: int,
 ) -> int:
     """Store, quarantine and publish one micro-batch; return how many landed files it read."""
-    stored = _read_state(spark, base_uri)
-    watermark_us = (
-        None if stored is None else feeds.watermark_before(stored, batch_id, settings.watermark_s)
-    )
+    previous = state.latest(spark, base_uri, before=batch_id)
+    watermark_us = None if previous is None else previous.watermark_us(settings.watermark_s)
     checked = landing.validate(batch).persist()
     try:
         is_valid = F.col(landing.REASON_COLUMN).isNull()
+        valid = feeds.mark_late(checked.filter(is_valid), watermark_us).select(
+            *[name for name in state.EVENTS_SCHEMA.names if name != "batch_id"]
+        )
+        applied, unapplied = state.split_folded(
+            valid, state.read_folded(spark, base_uri, previous), previous
+        )
+        unapplied = unapplied.persist()
         counts = checked.agg(
             F.count(F.when(is_valid, True)).alias("valid"),
             F.count(F.when(~is_valid, True)).alias("rejected"),
@@ -209,15 +210,48 @@ def _process_batch(
         ).first()
         assert counts is not None  # a global aggregate has one row
         events_read, quarantined, files = counts["valid"], counts["rejected"], counts["files"]
+        too_late = unapplied.count()
+        if quarantined or too_late:
+            _quarantine(base_uri, checked.filter(~is_valid), unapplied, batch_id)
         if quarantined:
-            _quarantine(base_uri, checked.filter(~is_valid), batch_id, quarantined)
-        _store(base_uri, feeds.mark_late(checked.filter(is_valid), watermark_us), batch_id)
+            logger.warning(
+                "batch %d: %d rows could not be read; quarantined in %s",
+                batch_id,
+                quarantined,
+                _quarantine_uri(base_uri, batch_id),
+            )
+        if too_late:
+            logger.warning(
+                "batch %d: %d events are for listings that closed and were folded into the "
+                "totals before they arrived; quarantined in %s, not applied",
+                batch_id,
+                too_late,
+                _quarantine_uri(base_uri, batch_id),
+            )
+        merged, progress = state.merge(spark, base_uri, previous, applied, batch_id, too_late)
+        unapplied.unpersist()
     finally:
         checked.unpersist()
 
-    state = _read_state(spark, base_uri)
-    assert state is not None  # this batch has just stored its events
-    snapshot = feeds.compute_snapshot(state, settings, now_us=now_us, batch_id=batch_id)
+    reference_us = feeds.reference_time(now_us, progress)
+    tables = feeds.figure_tables(merged, settings, reference_us)
+    try:
+        kept, kept_tables, progress = state.fold(
+            spark, base_uri, merged, tables, progress, settings.watermark_s
+        )
+        state.write(spark, base_uri, kept, progress, previous)
+        snapshot = feeds.compute_snapshot(
+            kept,
+            settings,
+            now_us=now_us,
+            batch_id=batch_id,
+            progress=progress,
+            tables=kept_tables,
+        )
+    finally:
+        tables.figures.unpersist()
+        tables.attributes.unpersist()
+        merged.unpersist()
     if snapshot.late_in_batch:
         logger.warning(
             "batch %d: %d late bid events (placed more than %s s before a bid of an "
@@ -234,37 +268,39 @@ def _process_batch(
     counters.feeds_written += written
     counters.snapshot = snapshot
     logger.info(
-        "batch %d: %d events, %d quarantined, %d feeds published (%d bids in total)",
+        "batch %d: %d events, %d quarantined, %d feeds published (%d bids in total, "
+        "%d events in the state)",
         batch_id,
         events_read,
         quarantined,
         written,
         snapshot.overall.totals.bids,
+        snapshot.state_events,
     )
     return int(files)
 
 
-def _quarantine(base_uri: str, rejected: DataFrame, batch_id: int, count: int) -> None:
-    target = f"{base_uri}/{layout.POPULARITY_QUARANTINE_PREFIX}batch_id={batch_id}/"
+def _quarantine_uri(base_uri: str, batch_id: int) -> str:
+    return f"{base_uri}/{layout.POPULARITY_QUARANTINE_PREFIX}batch_id={batch_id}/"
+
+
+def _quarantine(base_uri: str, rejected: DataFrame, unapplied: DataFrame, batch_id: int) -> None:
+    """Write the rows that could not be read and the events that came too late, with why."""
     columns = (landing.SOURCE_COLUMN, landing.REASON_COLUMN, landing.RECORD_COLUMN)
-    rejected.select(*columns).write.mode("overwrite").json(target)
-    logger.warning(
-        "batch %d: %d rows could not be read; quarantined in %s", batch_id, count, target
+    too_late = unapplied.select(
+        landing.SOURCE_COLUMN,
+        F.concat(
+            F.lit("listing "),
+            F.col("listing_id"),
+            F.lit(" closed and was folded into the totals before this event arrived"),
+        ).alias(landing.REASON_COLUMN),
+        F.to_json(F.struct(*[F.col(name) for name in state.STATE_COLUMNS])).alias(
+            landing.RECORD_COLUMN
+        ),
     )
-
-
-def _store(base_uri: str, valid: DataFrame, batch_id: int) -> None:
-    target = f"{base_uri}/{layout.POPULARITY_STATE_PREFIX}batch_id={batch_id}/"
-    columns = [field.name for field in STATE_SCHEMA.fields if field.name != "batch_id"]
-    valid.select(*columns).write.mode("overwrite").parquet(target)
-
-
-def _read_state(spark: SparkSession, base_uri: str) -> DataFrame | None:
-    """Every stored event, or None before the first batch has stored any."""
-    state_uri = f"{base_uri}/{layout.POPULARITY_STATE_PREFIX}"
-    if not _exists(spark, state_uri):
-        return None
-    return spark.read.schema(STATE_SCHEMA).parquet(state_uri)
+    rejected.select(*columns).unionByName(too_late).write.mode("overwrite").json(
+        _quarantine_uri(base_uri, batch_id)
+    )
 
 
 def _publish_feeds(spark: SparkSession, base_uri: str, snapshot: feeds.Snapshot) -> int:
@@ -278,34 +314,12 @@ def _publish_feeds(spark: SparkSession, base_uri: str, snapshot: feeds.Snapshot)
         document = feeds.feed_document(
             feed, computed_at=computed_at, complete_up_to_us=snapshot.complete_up_to_us
         )
-        publish_json(spark, f"{base_uri}/{key}", document)
+        state.write_text(
+            spark,
+            f"{base_uri}/{key}",
+            json.dumps(document, ensure_ascii=False, indent=1),
+        )
     return 1 + len(snapshot.categories)
-
-
-def publish_json(spark: SparkSession, uri: str, document: dict[str, Any]) -> None:
-    """Write ``document`` to ``uri`` as one object: on S3 a single PUT, so readers see
-    the old document or the new one, never part of one.
-
-    Limitations: if writing the bytes fails, the stream is left unclosed on purpose
-    (closing it would upload what was written so far); its buffer is freed when the
-    JVM collects it.
-    """
-    payload = json.dumps(document, ensure_ascii=False, indent=1).encode()
-    jvm = spark._jvm
-    assert jvm is not None  # set for every live session
-    path = jvm.org.apache.hadoop.fs.Path(uri)
-    filesystem = path.getFileSystem(spark._jsc.hadoopConfiguration())
-    stream = filesystem.create(path, True)
-    stream.write(bytearray(payload))
-    stream.close()
-    logger.debug("published %s (%d bytes)", uri, len(payload))
-
-
-def _exists(spark: SparkSession, uri: str) -> bool:
-    jvm = spark._jvm
-    assert jvm is not None
-    path = jvm.org.apache.hadoop.fs.Path(uri)
-    return bool(path.getFileSystem(spark._jsc.hadoopConfiguration()).exists(path))
 
 
 def _summary(counters: RunCounters, snapshot: feeds.Snapshot) -> dict[str, Any]:
@@ -318,6 +332,9 @@ def _summary(counters: RunCounters, snapshot: feeds.Snapshot) -> dict[str, Any]:
         "bid_events": snapshot.bid_events,
         "duplicates_removed": snapshot.duplicates_removed,
         "late_events": snapshot.late_events,
+        "unapplied_events": snapshot.unapplied_events,
+        "state_events": snapshot.state_events,
+        "folded_listings": snapshot.folded_listings,
         "total_bids": snapshot.overall.totals.bids,
         "total_amount": f"{snapshot.overall.totals.amount:f}",
         "listings": snapshot.overall.totals.listings,

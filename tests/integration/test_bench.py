@@ -26,6 +26,10 @@ FIGURES = (
     "popularity.first_feed_s",
     "popularity.events_per_s_per_core",
     "popularity.plain_count_rows_per_s_per_core",
+    "popularity.day_events",
+    "popularity.hourly_batch_median_s",
+    "popularity.largest_state_events",
+    "popularity.whole_day_batch_s",
     "nightly.users",
     "nightly.wall_s",
     "nightly.read_s",
@@ -46,7 +50,8 @@ def test_bench_command_writes_every_figure_with_its_reference(
     # The shared endpoint and Spark session: a session fixes its s3a endpoint when created.
     argv = [
         "--changes", "300", "--backlog", "400", "--landing-events", "200",
-        "--freshness-samples", "2", "--stream-events", "200", "--nightly-users", "300",
+        "--freshness-samples", "2", "--stream-events", "200", "--day-users", "300",
+        "--day-batch-hours", "8", "--nightly-users", "300",
         "--repeat", "1", "--nightly-repeat", "1",
         "--out", str(tmp_path), "--aws-endpoint-url", str(base_settings.aws_endpoint_url),
         "--postgres-dsn", postgres.dsn,
@@ -59,6 +64,11 @@ def test_bench_command_writes_every_figure_with_its_reference(
         assert figures[name]["value"] > 0, name
         assert set(figures[name]) >= {"value", "unit", "spread"}
     assert figures["capture.backlog_events"]["value"] == 401  # the backlog plus its listing
+    # Closed auctions fold away, so the state stays below the day's events.
+    assert (
+        figures["popularity.largest_state_events"]["value"]
+        < figures["popularity.day_events"]["value"]
+    )
     assert {"machine", "versions", "seed"} <= set(report)
     assert report["complete"] is True
     assert (tmp_path / "latest.md").read_text().startswith("| figure |")

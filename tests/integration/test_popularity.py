@@ -238,6 +238,9 @@ def test_first_run_counts_every_row_once(restarted_runs: tuple[Bucket, list[Run]
         "bid_events": 9,
         "duplicates_removed": 1,
         "late_events": 0,
+        "unapplied_events": 0,
+        "state_events": 14,
+        "folded_listings": 0,
         "total_bids": 7,
         "total_amount": "422.75",
         "listings": 4,
@@ -312,6 +315,9 @@ def test_restart_continues_without_double_counting(
         "bid_events": 11,
         "duplicates_removed": 2,
         "late_events": 1,
+        "unapplied_events": 0,
+        "state_events": 17,
+        "folded_listings": 0,
         "total_bids": 9,
         "total_amount": "742.75",
         "listings": 4,
@@ -453,11 +459,14 @@ class AuctionBid:
     placed_at: datetime
 
 
-def auction_replay(path: Path) -> tuple[list[dict[str, str | None]], list[AuctionBid], dict]:
+def auction_replay(
+    path: Path, *, close_within_days: int = 0
+) -> tuple[list[dict[str, str | None]], list[AuctionBid], dict]:
     """The eBay auctions as contract events in event-time order, and the plain rows.
 
     Every auction is listed at ``AUCTION_START``; a bid is placed ``bidtime`` days later.
-    Commit LSNs start just below 1/0, so the replay crosses into the high half.
+    An auction of at most ``close_within_days`` days ends (a listing update) when its
+    time is up. Commit LSNs start just below 1/0, so the replay crosses into the high half.
     """
     with path.open(newline="") as source:
         rows = list(csv.DictReader(source))
@@ -486,18 +495,49 @@ def auction_replay(path: Path) -> tuple[list[dict[str, str | None]], list[Auctio
         )
         for auction_id, row in auctions.items()
     ]
-    for bid in sorted(bids, key=lambda bid: (bid.placed_at, int(bid.bid_id))):
-        replay.append(
-            changes.bid(bid.bid_id, bid.auction_id, bid.bidder, bid.amount, bid.placed_at)
-        )
+    timeline: list[tuple[datetime, int, AuctionBid | str]] = [
+        (bid.placed_at, int(bid.bid_id), bid) for bid in bids
+    ]
+    for auction_id, row in auctions.items():
+        days = auction_days(row)
+        if days <= close_within_days:
+            timeline.append((AUCTION_START + timedelta(days=days), 0, auction_id))
+    for at, _, change in sorted(timeline, key=lambda entry: entry[:2]):
+        if isinstance(change, AuctionBid):
+            replay.append(
+                changes.bid(change.bid_id, change.auction_id, change.bidder, change.amount, at)
+            )
+        else:
+            row = auctions[change]
+            replay.append(
+                changes.listing(
+                    change,
+                    at,
+                    title=f"{row['item']} ({change})",
+                    category=row["item"],
+                    sub_category=row["auction_type"],
+                    status="ended",
+                    op="update",
+                )
+            )
     return replay, bids, auctions
 
 
+def auction_days(row: dict[str, str]) -> int:
+    """How long an eBay auction ran: ``7 day auction`` is 7."""
+    return int(row["auction_type"].split()[0])
+
+
 def reference_top(
-    bids: list[AuctionBid], auctions: dict[str, dict[str, str]], settings: Settings
+    bids: list[AuctionBid],
+    auctions: dict[str, dict[str, str]],
+    settings: Settings,
+    *,
+    reference: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """The global feed, computed in plain Python from the same rows."""
-    reference = max(bid.placed_at for bid in bids)
+    """The global feed, computed in plain Python from the same rows, as of ``reference``
+    (by default the newest bid)."""
+    reference = reference or max(bid.placed_at for bid in bids)
     by_listing: dict[str, list[AuctionBid]] = defaultdict(list)
     for bid in bids:
         by_listing[bid.auction_id].append(bid)
@@ -532,19 +572,31 @@ def reference_top(
     ]
 
 
-def test_auction_replay_totals_equal_a_plain_count(
-    spark: Any, base_settings: Settings, shared_data: Path
-) -> None:
-    bucket = new_bucket(base_settings)
-    replay, bids, auctions = auction_replay(shared_data / "ebay_auctions" / "auction.csv")
+def land_replay(
+    spark: Any, bucket: Bucket, replay: list[dict[str, str | None]], *, run_after_each_part: bool
+) -> dict[str, Any]:
+    """Land the replay in four files two days apart; run the job after each file, or
+    once after all of them. Returns the last run's summary."""
     lines = encoded(replay)
     parts = 4
     size = -(-len(lines) // parts)
     for part in range(parts):
         arrival = AUCTION_START + timedelta(days=2 * part)
         bucket.land(arrival, f"encore-landing-{part}", lines[part * size : (part + 1) * size])
+        if run_after_each_part:
+            summary = popularity.run_popularity(spark, bucket.base_uri, bucket.settings)
+    if not run_after_each_part:
+        summary = popularity.run_popularity(spark, bucket.base_uri, bucket.settings)
+    return summary
 
-    summary = popularity.run_popularity(spark, bucket.base_uri, bucket.settings)
+
+def test_auction_replay_totals_equal_a_plain_count(
+    spark: Any, base_settings: Settings, shared_data: Path
+) -> None:
+    bucket = new_bucket(base_settings)
+    replay, bids, auctions = auction_replay(shared_data / "ebay_auctions" / "auction.csv")
+
+    summary = land_replay(spark, bucket, replay, run_after_each_part=False)
 
     amount = sum((Decimal(bid.amount) for bid in bids), Decimal("0.00"))
     assert len(bids) == 4764
@@ -569,6 +621,35 @@ def test_auction_replay_totals_equal_a_plain_count(
             "amount": f"{sum((Decimal(bid.amount) for bid in item_bids), Decimal('0.00')):f}",
             "listings": len({bid.auction_id for bid in item_bids}),
         }
+
+
+def test_auction_replay_with_closing_auctions_folds_them_and_stays_exact(
+    spark: Any, base_settings: Settings, shared_data: Path
+) -> None:
+    bucket = new_bucket(base_settings)
+    replay, bids, auctions = auction_replay(
+        shared_data / "ebay_auctions" / "auction.csv", close_within_days=5
+    )
+
+    summary = land_replay(spark, bucket, replay, run_after_each_part=True)
+
+    closed = {auction_id for auction_id, row in auctions.items() if auction_days(row) <= 5}
+    amount = sum((Decimal(bid.amount) for bid in bids), Decimal("0.00"))
+    assert summary["bid_events"] == summary["total_bids"] == 4764
+    assert summary["distinct_events"] == 4764 + len(auctions) + len(closed)
+    assert summary["total_amount"] == f"{amount:f}"
+    assert summary["listings"] == 285
+    assert summary["folded_listings"] == len(closed) > 0
+    assert summary["unapplied_events"] == summary["quarantined"] == 0
+    # What stays in the state: the open auctions' listing events and bids.
+    open_bids = [bid for bid in bids if bid.auction_id not in closed]
+    assert summary["state_events"] == len(auctions) - len(closed) + len(open_bids)
+
+    feed = bucket.json(layout.global_feed_key())
+    assert feed["totals"] == {"bids": 4764, "amount": f"{amount:f}", "listings": 285}
+    assert feed["items"] == reference_top(
+        open_bids, auctions, bucket.settings, reference=max(bid.placed_at for bid in bids)
+    )
 
 
 def test_continuous_mode_publishes_each_batch_until_stopped(
@@ -614,3 +695,116 @@ def wait_for_batch(spark: Any, name: str, batch_id: int, timeout_s: float = 60) 
                 return query
         time.sleep(0.2)
     raise AssertionError(f"query {name} did not finish batch {batch_id} within {timeout_s} s")
+
+
+def closing_marketplace() -> list[LandedFile]:
+    """Four landed files in which auctions close, so that the state folds them away.
+
+    * File 1: a Game Boy is bid on and sold (one bid deleted by its key alone); a
+      poster gets a bid; a bid on listing 2003, never listed, is nine days old.
+    * File 2: the Game Boy's first bid again, long after it sold; a second poster bid.
+    * File 3: the poster's auction ends; a robot is listed and bid on.
+    * File 4: the Game Boy's listing event again.
+    """
+    c = Changes()
+    game_boy = c.listing("2001", ago(days=2), title="Game Boy", category="Games", sub_category="H")
+    first_bid = c.bid("21", "2001", "u1", "10.00", ago(hours=5))
+    retracted = c.bid("22", "2001", "u2", "12.00", ago(hours=4, minutes=30))
+    by_key_only = {**c.bid("22", "2001", None, "", ago(hours=4), op="delete"), "listing_id": None}
+    poster = c.listing("2002", ago(days=1), title="Poster", category="Home", sub_category="Wall")
+    first = [
+        game_boy,
+        first_bid,
+        retracted,
+        by_key_only,
+        closing(c, game_boy, ago(hours=3, minutes=30), "sold"),
+        poster,
+        c.bid("23", "2002", "u1", "7.00", ago(hours=3)),
+        c.bid("24", "2003", "u9", "5.00", ago(days=9)),
+    ]
+    second = [first_bid, c.bid("25", "2002", "u3", "9.00", ago(hours=1))]
+    third = [
+        closing(c, poster, ago(minutes=50), "ended"),
+        c.listing("2004", ago(minutes=5), title="Robot", category="Toys", sub_category="Tin"),
+        c.bid("26", "2004", "u1", "3.00", ago(seconds=10)),
+    ]
+    return [
+        LandedFile(ago(hours=3), "encore-landing-1", encoded(first)),
+        LandedFile(ago(hours=2), "encore-landing-2", encoded(second)),
+        LandedFile(ago(hours=1), "encore-landing-3", encoded(third)),
+        LandedFile(NOW, "encore-landing-4", encoded([game_boy])),
+    ]
+
+
+def closing(
+    c: Changes, listing: dict[str, str | None], at: datetime, status: str
+) -> dict[str, str | None]:
+    """An update that closes ``listing`` with ``status``, its other fields unchanged."""
+    return c.listing(
+        str(listing["listing_id"]),
+        at,
+        title=listing["title"],
+        category=listing["category"],
+        sub_category=listing["sub_category"],
+        status=status,
+        op="update",
+    )
+
+
+def test_closed_listings_fold_out_of_the_state_and_the_figures_stay_exact(
+    spark: Any, base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Copy the folded ids into one folder as soon as a second one is in effect.
+    monkeypatch.setattr(popularity.state, "MAX_FOLDED_PARTS", 1)
+    bucket = new_bucket(base_settings)
+    runs = []
+    for landed in closing_marketplace():
+        bucket.land(landed.arrival, landed.name, landed.lines)
+        runs.append(run(spark, bucket))
+    figures = ("state_events", "folded_listings", "unapplied_events", "total_bids", "listings")
+
+    assert [[one.summary[key] for key in figures] for one in runs] == [
+        [2, 2, 0, 3, 3],  # the Game Boy (sold) and listing 2003 (quiet for a week) fold
+        [3, 2, 1, 4, 3],  # the Game Boy's bid came too late to apply
+        [2, 3, 1, 5, 4],  # the ended poster folds
+        [2, 3, 2, 5, 4],  # so does the Game Boy's listing event, again
+    ]
+    last = runs[-1]
+    assert last.summary["total_amount"] == "34.00"
+    assert last.summary["distinct_events"] == 12
+    assert last.summary["duplicates_removed"] == 0
+    assert [item["listing_id"] for item in last.summary["top"]] == ["2004"]
+    home = last.feeds[layout.category_feed_key("Home")]
+    assert home["items"] == []
+    assert home["totals"] == {"bids": 2, "amount": "16.00", "listings": 1}
+    assert last.feeds[layout.category_feed_key("Games")]["totals"] == {
+        "bids": 1,
+        "amount": "10.00",
+        "listings": 1,
+    }
+
+    too_late = [row for row in bucket.quarantined() if "folded" in row["reason"]]
+    assert sorted((row["source_file"].rsplit("/", 1)[-1], row["reason"]) for row in too_late) == [
+        (name, "listing 2001 closed and was folded into the totals before this event arrived")
+        for name in ("encore-landing-2", "encore-landing-4")
+    ]
+    assert any("not applied" in message for message in runs[1].warnings)
+
+    # Only the last two versions remain, and the folded ids were copied into batch 2's.
+    state_keys = bucket.keys(layout.POPULARITY_STATE_PREFIX)
+    assert {key.split("/")[3] for key in state_keys if "/events/" in key} == {
+        "batch_id=2",
+        "batch_id=3",
+    }
+    assert {key.split("/")[3] for key in state_keys if "/folded/" in key} == {"batch_id=2"}
+
+    # The same files in one batch: nothing is too late, and every feed is the same.
+    together = new_bucket(base_settings)
+    for landed in closing_marketplace():
+        together.land(landed.arrival, landed.name, landed.lines)
+    at_once = run(spark, together)
+    assert at_once.summary["duplicates_removed"] == 2
+    assert at_once.summary["unapplied_events"] == 0
+    assert {k: without_computed_at(v) for k, v in at_once.feeds.items()} == {
+        k: without_computed_at(v) for k, v in last.feeds.items()
+    }

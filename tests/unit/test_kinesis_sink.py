@@ -232,7 +232,9 @@ def test_sink_sends_one_request_at_a_time_and_keeps_each_shards_order() -> None:
     sink.flush()
 
     assert kinesis.most_in_flight == 1
-    assert len(kinesis.calls) > 3
+    # 10 MB in aggregates of under 1 MB, at most 5 MB a request: three requests or more,
+    # however the sender's pace splits them.
+    assert len(kinesis.calls) >= 3
     for shard_is_upper in (False, True):
         expected = [data for key, data in sent if (hash_key(key) >= HALF) == shard_is_upper]
         delivered = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -154,6 +155,37 @@ def test_empty_global_feed_document() -> None:
 
 def test_snapshot_counts_duplicates_as_stored_rows_beyond_distinct_events() -> None:
     assert feeds.Snapshot(stored_rows=7, distinct_events=5).duplicates_removed == 2
+
+
+def test_progress_survives_its_json_with_exact_amounts_and_no_category() -> None:
+    progress = feeds.Progress(
+        batch_id=7,
+        stored_rows=120,
+        state_events=40,
+        newest_bid_us=1_700_000_000_000_001,
+        complete_up_to_us=1_700_000_000_000_002,
+        newest_change_us=1_700_000_000_000_003,
+        unapplied_events=2,
+        folded=feeds.Folded(
+            listings=3,
+            events=70,
+            bid_events=60,
+            late_events=1,
+            late_in_batch=1,
+            parts=(2, 7),
+            totals={
+                "Watches": feeds.Totals(5, Decimal("1234567890123456.05"), 2),
+                None: feeds.Totals(1, Decimal("0.10"), 1),
+            },
+        ),
+    )
+
+    assert feeds.Progress.from_json(json.loads(json.dumps(progress.as_json()))) == progress
+
+
+def test_watermark_is_the_newest_bid_less_the_watermark() -> None:
+    assert feeds.Progress(batch_id=0).watermark_us(600) is None
+    assert feeds.Progress(batch_id=0, newest_bid_us=10_000_000).watermark_us(2.5) == 7_500_000
 
 
 @pytest.mark.parametrize(
