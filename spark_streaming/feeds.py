@@ -177,6 +177,8 @@ class Progress:
     newest_change_us: int | None = None
     #: Events that arrived for a folded listing, quarantined rather than applied.
     unapplied_events: int = 0
+    #: ``state_events`` when the state was last searched for listings to fold.
+    fold_checked_at: int = 0
     folded: Folded = field(default_factory=Folded)
 
     def as_json(self) -> dict[str, Any]:
@@ -188,6 +190,7 @@ class Progress:
             "complete_up_to_us": self.complete_up_to_us,
             "newest_change_us": self.newest_change_us,
             "unapplied_events": self.unapplied_events,
+            "fold_checked_at": self.fold_checked_at,
             "folded": self.folded.as_json(),
         }
 
@@ -201,6 +204,7 @@ class Progress:
             complete_up_to_us=data["complete_up_to_us"],
             newest_change_us=data["newest_change_us"],
             unapplied_events=data["unapplied_events"],
+            fold_checked_at=data["fold_checked_at"],
             folded=Folded.from_json(data["folded"]),
         )
 

@@ -38,8 +38,10 @@ are deleted, with any folded-id folder neither of the two names; when more than
 :data:`MAX_FOLDED_PARTS` folders are in effect, a batch copies them all into its
 own folder.
 
-Folding waits until the foldable listings hold at least :data:`FOLD_SHARE` of the
-events tier, so that it happens now and then rather than at every batch.
+The events tier is searched for listings to fold only once it has grown by
+:data:`FOLD_SHARE` since the last search, and folding waits until the foldable
+listings hold that share of it, so that both happen now and then rather than at
+every batch.
 
 Limitations: a bid delete may carry only the bid's key; one that arrives for a
 bid of a folded listing is not recognised as late and, having nothing to delete,
@@ -224,10 +226,13 @@ def fold(
     events and tables to keep, and ``progress`` with the folded listings added; the
     folded ids are written as ``folded/batch_id=<n>/``.
     """
-    if progress.newest_change_us is None:
+    grown = progress.state_events - progress.fold_checked_at
+    newest_us = progress.newest_change_us
+    if newest_us is None or grown < FOLD_SHARE * progress.fold_checked_at:
         return events, tables, progress
+    progress = replace(progress, fold_checked_at=progress.state_events)
     watermark_us = round(watermark_s * 1_000_000)
-    closed_before = progress.newest_change_us - watermark_us
+    closed_before = newest_us - watermark_us
     quiet_before = closed_before - feeds.WEEK_S * 1_000_000
 
     late = F.coalesce(F.col("late"), F.lit(False))
@@ -288,6 +293,7 @@ def fold(
         replace(
             progress,
             state_events=progress.state_events - counts["events"],
+            fold_checked_at=progress.state_events - counts["events"],
             folded=feeds.Folded(
                 listings=folded.listings + counts["listings"],
                 events=folded.events + counts["events"],
