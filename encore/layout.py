@@ -6,9 +6,9 @@ key                                                        written by
 ``landing/YYYY/MM/DD/HH/<name>``                           Firehose (the local bridge)
 ``landing-errors/<reason>/YYYY/MM/DD/<name>``              Firehose, records it could not land
 ``dead-letter/capture/YYYY/MM/DD/<event_id>.json``        capture, records too large to send
-``quarantine/popularity/batch_id=<n>/...``                streaming job, rows it could not parse
+``quarantine/popularity/batch_id=<n>/...``                streaming job, rows it could not use
 ``checkpoints/popularity/``                                streaming job's checkpoint
-``state/popularity/events/``                               streaming job's de-duplicated events
+``state/popularity/{events,folded,progress}/``             streaming job's state, by batch
 ``feeds/popularity/global.json``                           streaming job, the global top N
 ``feeds/popularity/category/<category-slug>.json``         streaming job, top N per category
 ``recommendations/current.json``                           nightly job, pointer to the live run
