@@ -198,6 +198,8 @@ def _summary(
             "total_amount": popularity["total_amount"],
             "duplicates_removed": popularity.get("duplicates_removed"),
             "quarantined": popularity.get("quarantined"),
+            "state_events": popularity.get("state_events"),
+            "folded_listings": popularity.get("folded_listings"),
             "top10": popularity["top"][:10],
         },
         "recommendations": {

@@ -154,7 +154,10 @@ def merge(
         F.count(F.when(F.col("listing_id").isNull(), True)).alias("keyless"),
     ).first()
     assert figures is not None  # a global aggregate has one row
-    merged = _first_copies(read_events(spark, base_uri, previous).unionByName(batch_rows))
+    # The stored rows are distinct already: only the batch's new ones need finding.
+    stored = read_events(spark, base_uri, previous)
+    new = _first_copies(batch_rows).join(stored.select("event_id"), "event_id", "left_anti")
+    merged = stored.unionByName(new)
     if figures["keyless"]:
         merged = _with_bid_listings(merged)
     merged = merged.persist()
@@ -173,10 +176,8 @@ def merge(
 
 
 def _first_copies(rows: DataFrame) -> DataFrame:
-    """One row per event id: the copy stored first (lowest batch, then source file)."""
-    first = Window.partitionBy("event_id").orderBy(
-        F.col("batch_id"), F.col(landing.SOURCE_COLUMN), F.col("late")
-    )
+    """One row per event id of one batch's rows: the copy from the first source file."""
+    first = Window.partitionBy("event_id").orderBy(F.col(landing.SOURCE_COLUMN), F.col("late"))
     return rows.withColumn("_copy", F.row_number().over(first)).filter("_copy = 1").drop("_copy")
 
 
