@@ -572,44 +572,43 @@ def reference_top(
     ]
 
 
-def land_replay(
-    spark: Any, bucket: Bucket, replay: list[dict[str, str | None]], *, run_after_each_part: bool
-) -> dict[str, Any]:
-    """Land the replay in four files two days apart; run the job after each file, or
-    once after all of them. Returns the last run's summary."""
+def test_auction_replay_equals_a_plain_count_as_auctions_close_and_fold(
+    spark: Any, base_settings: Settings, shared_data: Path
+) -> None:
+    """The eBay log in event-time order, landed in four files two days apart with the job
+    run after each; the 3- and 5-day auctions end on time and fold out of the state."""
+    bucket = new_bucket(base_settings)
+    replay, bids, auctions = auction_replay(
+        shared_data / "ebay_auctions" / "auction.csv", close_within_days=5
+    )
     lines = encoded(replay)
     parts = 4
     size = -(-len(lines) // parts)
     for part in range(parts):
         arrival = AUCTION_START + timedelta(days=2 * part)
         bucket.land(arrival, f"encore-landing-{part}", lines[part * size : (part + 1) * size])
-        if run_after_each_part:
-            summary = popularity.run_popularity(spark, bucket.base_uri, bucket.settings)
-    if not run_after_each_part:
         summary = popularity.run_popularity(spark, bucket.base_uri, bucket.settings)
-    return summary
 
-
-def test_auction_replay_totals_equal_a_plain_count(
-    spark: Any, base_settings: Settings, shared_data: Path
-) -> None:
-    bucket = new_bucket(base_settings)
-    replay, bids, auctions = auction_replay(shared_data / "ebay_auctions" / "auction.csv")
-
-    summary = land_replay(spark, bucket, replay, run_after_each_part=False)
-
+    closed = {auction_id for auction_id, row in auctions.items() if auction_days(row) <= 5}
     amount = sum((Decimal(bid.amount) for bid in bids), Decimal("0.00"))
     assert len(bids) == 4764
     assert max(int(auction_id) for auction_id in auctions) > 2**31
-    assert summary["events_read"] == summary["distinct_events"] == 4764 + len(auctions)
+    assert summary["distinct_events"] == 4764 + len(auctions) + len(closed)
     assert summary["bid_events"] == summary["total_bids"] == 4764
     assert summary["total_amount"] == f"{amount:f}"
     assert summary["listings"] == len(auctions) == 285
     assert summary["quarantined"] == summary["duplicates_removed"] == summary["late_events"] == 0
+    assert summary["folded_listings"] == len(closed) > 0
+    assert summary["unapplied_events"] == 0
+    # What stays in the state: the open auctions' listing events and bids.
+    open_bids = [bid for bid in bids if bid.auction_id not in closed]
+    assert summary["state_events"] == len(auctions) - len(closed) + len(open_bids)
 
     feed = bucket.json(layout.global_feed_key())
     assert feed["totals"] == {"bids": 4764, "amount": f"{amount:f}", "listings": 285}
-    assert feed["items"] == reference_top(bids, auctions, bucket.settings)
+    assert feed["items"] == reference_top(
+        open_bids, auctions, bucket.settings, reference=max(bid.placed_at for bid in bids)
+    )
 
     per_item: dict[str, list[AuctionBid]] = defaultdict(list)
     for bid in bids:
@@ -621,35 +620,6 @@ def test_auction_replay_totals_equal_a_plain_count(
             "amount": f"{sum((Decimal(bid.amount) for bid in item_bids), Decimal('0.00')):f}",
             "listings": len({bid.auction_id for bid in item_bids}),
         }
-
-
-def test_auction_replay_with_closing_auctions_folds_them_and_stays_exact(
-    spark: Any, base_settings: Settings, shared_data: Path
-) -> None:
-    bucket = new_bucket(base_settings)
-    replay, bids, auctions = auction_replay(
-        shared_data / "ebay_auctions" / "auction.csv", close_within_days=5
-    )
-
-    summary = land_replay(spark, bucket, replay, run_after_each_part=True)
-
-    closed = {auction_id for auction_id, row in auctions.items() if auction_days(row) <= 5}
-    amount = sum((Decimal(bid.amount) for bid in bids), Decimal("0.00"))
-    assert summary["bid_events"] == summary["total_bids"] == 4764
-    assert summary["distinct_events"] == 4764 + len(auctions) + len(closed)
-    assert summary["total_amount"] == f"{amount:f}"
-    assert summary["listings"] == 285
-    assert summary["folded_listings"] == len(closed) > 0
-    assert summary["unapplied_events"] == summary["quarantined"] == 0
-    # What stays in the state: the open auctions' listing events and bids.
-    open_bids = [bid for bid in bids if bid.auction_id not in closed]
-    assert summary["state_events"] == len(auctions) - len(closed) + len(open_bids)
-
-    feed = bucket.json(layout.global_feed_key())
-    assert feed["totals"] == {"bids": 4764, "amount": f"{amount:f}", "listings": 285}
-    assert feed["items"] == reference_top(
-        open_bids, auctions, bucket.settings, reference=max(bid.placed_at for bid in bids)
-    )
 
 
 def test_continuous_mode_publishes_each_batch_until_stopped(
