@@ -278,6 +278,9 @@ def _measure_popularity(
             "popularity.largest_state_events": ("largest_state_events", "events"),
             "popularity.last_state_events": ("last_state_events", "events"),
             "popularity.whole_day_batch_s": ("whole_day_batch_s", "s"),
+            "popularity.small_batch_events": ("small_batch_events", "events"),
+            "popularity.small_batch_s": ("small_batch_s", "s"),
+            "popularity.small_batch_state_events": ("small_batch_state_events", "events"),
         },
     )
 

@@ -179,6 +179,8 @@ class Progress:
     unapplied_events: int = 0
     #: ``state_events`` when the state was last searched for listings to fold.
     fold_checked_at: int = 0
+    #: Batches whose folders hold the events tier.
+    event_parts: tuple[int, ...] = ()
     folded: Folded = field(default_factory=Folded)
 
     def as_json(self) -> dict[str, Any]:
@@ -191,6 +193,7 @@ class Progress:
             "newest_change_us": self.newest_change_us,
             "unapplied_events": self.unapplied_events,
             "fold_checked_at": self.fold_checked_at,
+            "event_parts": list(self.event_parts),
             "folded": self.folded.as_json(),
         }
 
@@ -205,6 +208,7 @@ class Progress:
             newest_change_us=data["newest_change_us"],
             unapplied_events=data["unapplied_events"],
             fold_checked_at=data["fold_checked_at"],
+            event_parts=tuple(data["event_parts"]),
             folded=Folded.from_json(data["folded"]),
         )
 

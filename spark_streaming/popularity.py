@@ -228,7 +228,9 @@ def _process_batch(
                 too_late,
                 _quarantine_uri(base_uri, batch_id),
             )
-        merged, progress = state.merge(spark, base_uri, previous, applied, batch_id, too_late)
+        merged, progress, changed = state.merge(
+            spark, base_uri, previous, applied, batch_id, too_late
+        )
         unapplied.unpersist()
     finally:
         checked.unpersist()
@@ -239,7 +241,9 @@ def _process_batch(
         kept, kept_tables, progress = state.fold(
             spark, base_uri, merged, tables, progress, settings.watermark_s
         )
-        state.write(spark, base_uri, kept, progress, previous)
+        progress = state.write(
+            spark, base_uri, kept, progress, previous, in_full=changed or kept is not merged
+        )
         snapshot = feeds.compute_snapshot(
             kept,
             settings,

@@ -25,18 +25,21 @@ Versions
 --------
 Batch ``n`` reads the newest version before ``n`` and writes version ``n``:
 
-* ``state/popularity/events/batch_id=<n>/``: the events tier (Parquet);
+* ``state/popularity/events/batch_id=<n>/``: the events the batch added (Parquet);
+  the events tier is these with the folders of earlier batches that the version
+  names. After a fold, or once :data:`MAX_EVENT_PARTS` folders are named, the
+  batch writes the whole events tier into its folder instead;
 * ``state/popularity/folded/batch_id=<n>/``: ids of the listings folded at ``n``;
 * ``state/popularity/progress/batch_id=<n>.json``: the running figures
   (:class:`spark_streaming.feeds.Progress`), the folded totals per category and
-  which folded-id folders are in effect. It is written last, in one PUT: a
+  which event and folded-id folders are in effect. It is written last, in one PUT: a
   version without it does not exist.
 
 A batch run again after a crash reads the same earlier version and writes the
 same version ``n`` again. After a batch, versions older than the one before it
-are deleted, with any folded-id folder neither of the two names; when more than
-:data:`MAX_FOLDED_PARTS` folders are in effect, a batch copies them all into its
-own folder.
+are deleted, with any event or folded-id folder neither of the two names; when
+more than :data:`MAX_FOLDED_PARTS` folded-id folders are in effect, a batch copies
+them all into its own folder.
 
 The events tier is searched for listings to fold only once it has grown by
 :data:`FOLD_SHARE` since the last search, and folding waits until the foldable
@@ -83,6 +86,8 @@ FOLDED_SCHEMA = StructType([StructField("listing_id", StringType())])
 FOLD_SHARE = 0.1
 #: Folded-id folders in effect before a batch copies them into one.
 MAX_FOLDED_PARTS = 32
+#: Event folders in effect before a batch writes the events in full.
+MAX_EVENT_PARTS = 16
 
 
 def prefix(base_uri: str, part: str) -> str:
@@ -100,10 +105,10 @@ def latest(spark: SparkSession, base_uri: str, before: int | None = None) -> fee
 
 def read_events(spark: SparkSession, base_uri: str, progress: feeds.Progress | None) -> DataFrame:
     """The events tier of ``progress``'s version (empty before the first batch)."""
-    if progress is None:
+    if progress is None or not progress.event_parts:
         return spark.createDataFrame([], EVENTS_SCHEMA)
-    uri = f"{prefix(base_uri, 'events')}batch_id={progress.batch_id}/"
-    return spark.read.schema(EVENTS_SCHEMA).parquet(uri)
+    uris = [f"{prefix(base_uri, 'events')}batch_id={n}/" for n in progress.event_parts]
+    return spark.read.schema(EVENTS_SCHEMA).parquet(*uris)
 
 
 def read_folded(spark: SparkSession, base_uri: str, progress: feeds.Progress | None) -> DataFrame:
@@ -134,9 +139,10 @@ def merge(
     applied: DataFrame,
     batch_id: int,
     unapplied: int,
-) -> tuple[DataFrame, feeds.Progress]:
+) -> tuple[DataFrame, feeds.Progress, bool]:
     """``previous``'s events plus the batch's ``applied`` ones, one row per event id
-    (persisted: the caller unpersists it), and the running figures with the batch added.
+    (persisted: the caller unpersists it), the running figures with the batch added,
+    and whether any stored row changed (so that the events must be written in full).
 
     ``applied`` has the columns of :data:`EVENTS_SCHEMA` but ``batch_id``; ``unapplied``
     counts the batch's events for folded listings. A bid delete that names only its
@@ -172,7 +178,7 @@ def merge(
         unapplied_events=start.unapplied_events + unapplied,
         folded=replace(start.folded, late_in_batch=0),
     )
-    return merged, progress
+    return merged, progress, bool(figures["keyless"])
 
 
 def _first_copies(rows: DataFrame) -> DataFrame:
@@ -353,17 +359,31 @@ def write(
     events: DataFrame,
     progress: feeds.Progress,
     previous: feeds.Progress | None,
-) -> None:
+    *,
+    in_full: bool,
+) -> feeds.Progress:
     """Write version ``progress.batch_id``: the events, then the progress file; delete what
-    no version in use still needs."""
-    uri = f"{prefix(base_uri, 'events')}batch_id={progress.batch_id}/"
-    events.write.mode("overwrite").parquet(uri)
+    no version in use still needs. Returns ``progress`` with the parts of its events.
+
+    The events are written as this batch's new rows beside the earlier parts, or, when
+    ``in_full`` (stored rows changed) or the parts reach :data:`MAX_EVENT_PARTS`, in full.
+    """
+    batch_id = progress.batch_id
+    earlier = previous.event_parts if previous else ()
+    parts: tuple[int, ...]
+    if in_full or not earlier or len(earlier) + 1 > MAX_EVENT_PARTS:
+        rows, parts = events, (batch_id,)
+    else:
+        rows, parts = events.filter(F.col("batch_id") == batch_id), (*earlier, batch_id)
+    rows.write.mode("overwrite").parquet(f"{prefix(base_uri, 'events')}batch_id={batch_id}/")
+    progress = replace(progress, event_parts=parts)
     write_text(
         spark,
-        f"{prefix(base_uri, 'progress')}batch_id={progress.batch_id}.json",
+        f"{prefix(base_uri, 'progress')}batch_id={batch_id}.json",
         json.dumps(progress.as_json(), indent=1),
     )
     _collect_garbage(spark, base_uri, progress, previous)
+    return progress
 
 
 def _collect_garbage(
@@ -372,10 +392,12 @@ def _collect_garbage(
     current: feeds.Progress,
     previous: feeds.Progress | None,
 ) -> None:
-    """Delete versions before ``previous``, and folded ids neither version names."""
-    keep = {current.batch_id} | ({previous.batch_id} if previous else set())
-    parts = set(current.folded.parts) | (set(previous.folded.parts) if previous else set())
-    for name, wanted in (("progress", keep), ("events", keep), ("folded", parts)):
+    """Delete versions before ``previous``, and event and folded-id parts neither names."""
+    versions = [current, *([previous] if previous else [])]
+    keep = {version.batch_id for version in versions}
+    events = {part for version in versions for part in version.event_parts}
+    folded = {part for version in versions for part in version.folded.parts}
+    for name, wanted in (("progress", keep), ("events", events), ("folded", folded)):
         for number, path in _numbered(spark, prefix(base_uri, name)):
             if number < current.batch_id and number not in wanted:
                 path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(path, True)

@@ -30,6 +30,7 @@ FIGURES = (
     "popularity.hourly_batch_median_s",
     "popularity.largest_state_events",
     "popularity.whole_day_batch_s",
+    "popularity.small_batch_s",
     "nightly.users",
     "nightly.wall_s",
     "nightly.read_s",

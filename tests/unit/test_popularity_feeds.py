@@ -167,6 +167,7 @@ def test_progress_survives_its_json_with_exact_amounts_and_no_category() -> None
         newest_change_us=1_700_000_000_000_003,
         unapplied_events=2,
         fold_checked_at=35,
+        event_parts=(5, 6, 7),
         folded=feeds.Folded(
             listings=3,
             events=70,
