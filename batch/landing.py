@@ -2,8 +2,11 @@
 
 Everything the nightly job knows comes from the CSV files Firehose lands
 under ``landing/`` (the contract is :mod:`encore.events`). Delivery is at
-least once, so the same event may be landed twice: events are de-duplicated
-by ``event_id`` before anything is counted.
+least once, so the same event may be landed twice: events are counted once
+per ``event_id``. A copy is the same record delivered again, so it changes
+no state either: where copies meet, they rank equal and either one wins
+with the same values. That is why the files are parsed and checked in one
+pass, with no separate pass that drops the copies first.
 
 Ordering
 --------
@@ -33,7 +36,7 @@ prefix again: there is no compaction of old events yet.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -59,20 +62,21 @@ class Landed:
 
     ``bids``: bid_key, listing_id, bidder_id, amount, placed_at, commit_time.
     ``listings``: listing_id, seller_id, title, category, sub_category, price,
-    status, ends_at. ``events`` are the de-duplicated events both derive from,
-    cached: call :meth:`release` when done, or the next read of the same
+    status, ends_at. Both are cached, because every later step of the night
+    reads them: call :meth:`release` when done, or the next read of the same
     prefix is answered from this cache and misses newly landed files.
     """
 
-    events: DataFrame
     bids: DataFrame
     listings: DataFrame
     counts: dict[str, int]
     first_event_at: datetime
     last_event_at: datetime
+    cached: list[DataFrame] = field(default_factory=list)
 
     def release(self) -> None:
-        self.events.unpersist()
+        for frame in self.cached:
+            frame.unpersist()
 
 
 def landing_uri(base_uri: str) -> str:
@@ -99,33 +103,45 @@ def read_events(spark: SparkSession, base_uri: str) -> DataFrame:
 
 
 def load_landed(spark: SparkSession, base_uri: str) -> Landed:
-    """Read, check and de-duplicate the landed events; rebuild bids and listings."""
-    # The files are parsed once: the checked rows are cached until the unique events are.
+    """Read and check the landed events, count them once each; rebuild bids and listings."""
+    # The files are parsed once: the checked rows stay cached until the run releases them.
     raw = read_events(spark, base_uri).withColumn("_valid", _is_valid()).cache()
-    totals = raw.agg(
-        F.count(F.lit(1)).alias("rows"),
+    # One row per event id with how many copies were landed; other rows share the null id.
+    per_event = raw.groupBy(F.when(F.col("_valid"), F.col("event_id")).alias("_id")).agg(
+        F.count(F.lit(1)).alias("copies"),
         F.sum(F.when(~F.col("_valid"), 1).otherwise(0)).alias("malformed"),
-    ).first()
-    unique = raw.filter("_valid").drop("_valid").dropDuplicates(["event_id"]).cache()
-    summary = unique.agg(
-        F.count(F.lit(1)).alias("events"),
-        F.sum(_when_bid_op("insert")).alias("bid_inserts"),
-        F.sum(F.when(F.col("event_type") == "bid", 1).otherwise(0)).alias("bid_events"),
+        F.max(_when_bid_op("insert")).alias("bid_insert"),
+        F.max(F.when(F.col("event_type") == "bid", 1).otherwise(0)).alias("bid_event"),
         F.min("commit_time").alias("first"),
         F.max("commit_time").alias("last"),
+    )
+    is_event = F.col("_id").isNotNull()
+    summary = per_event.agg(
+        F.sum("copies").alias("rows"),
+        F.sum("malformed").alias("malformed"),
+        F.count("_id").alias("events"),
+        F.sum(F.when(is_event, F.col("bid_insert"))).alias("bid_inserts"),
+        F.sum(F.when(is_event, F.col("bid_event"))).alias("bid_events"),
+        F.min(F.when(is_event, F.col("first"))).alias("first"),
+        F.max(F.when(is_event, F.col("last"))).alias("last"),
     ).first()
-    raw.unpersist()
-    if totals is None or summary is None or not summary["events"]:
-        unique.unpersist()
+    if summary is None or not summary["events"]:
+        raw.unpersist()
         raise LandingError(f"no valid events under {landing_uri(base_uri)}")
 
-    listings = listing_states(unique)
-    bids, bid_counts = _usable_bids(latest_bids(unique), listings)
+    # Copies of one event are the same record delivered again: every ordering below ranks
+    # them equal, so whichever copy wins carries the same values and nothing is counted twice.
+    landed = raw.filter("_valid").drop("_valid")
+    listings = listing_states(landed).cache()
+    checked = _checked_bids(latest_bids(landed), listings).cache()
+    bid_counts = _bid_counts(checked)
+    # Bids and listings are cached now: the parsed rows are not read again.
+    raw.unpersist()
     counts = {
-        "rows_read": int(totals["rows"]),
-        "malformed_rows": int(totals["malformed"] or 0),
+        "rows_read": int(summary["rows"]),
+        "malformed_rows": int(summary["malformed"] or 0),
         "events": int(summary["events"]),
-        "duplicates_removed": int(totals["rows"] - totals["malformed"] - summary["events"]),
+        "duplicates_removed": int(summary["rows"] - summary["malformed"] - summary["events"]),
         "bid_events": int(summary["bid_events"] or 0),
         "bid_insert_events": int(summary["bid_inserts"] or 0),
         **bid_counts,
@@ -134,7 +150,10 @@ def load_landed(spark: SparkSession, base_uri: str) -> Landed:
         if counts[name]:
             logger.warning("%s: %d not used for recommendations", name, counts[name])
     logger.info("landed events read: %s", counts)
-    return Landed(unique, bids, listings, counts, summary["first"], summary["last"])
+    usable = checked.filter(F.col("bidder_id").isNotNull() & F.col("_known")).drop("_known")
+    return Landed(
+        usable, listings, counts, summary["first"], summary["last"], cached=[listings, checked]
+    )
 
 
 def _is_valid() -> Column:
@@ -218,12 +237,16 @@ def latest_bids(unique: DataFrame) -> DataFrame:
     )
 
 
-def _usable_bids(bids: DataFrame, listings: DataFrame) -> tuple[DataFrame, dict[str, int]]:
-    """Bids with a bidder and a listing whose title is known, and how many were not."""
+def _checked_bids(bids: DataFrame, listings: DataFrame) -> DataFrame:
+    """``bids`` with ``_known``: true when a listing event names the bid's listing and its title."""
     titled = listings.filter(F.col("title").isNotNull()).select(
         "listing_id", F.lit(True).alias("_known")
     )
-    checked = bids.join(titled, "listing_id", "left")
+    return bids.join(titled, "listing_id", "left")
+
+
+def _bid_counts(checked: DataFrame) -> dict[str, int]:
+    """How many bids there are, and how many lack a bidder or a known listing."""
     row: Any = checked.agg(
         F.count(F.lit(1)).alias("bids"),
         F.sum(F.when(F.col("bidder_id").isNull(), 1).otherwise(0)).alias("no_bidder"),
@@ -231,10 +254,8 @@ def _usable_bids(bids: DataFrame, listings: DataFrame) -> tuple[DataFrame, dict[
             F.when(F.col("bidder_id").isNotNull() & F.col("_known").isNull(), 1).otherwise(0)
         ).alias("no_listing"),
     ).first()
-    usable = checked.filter(F.col("bidder_id").isNotNull() & F.col("_known")).drop("_known")
-    counts = {
+    return {
         "bids": int(row["bids"]),
         "bids_without_bidder": int(row["no_bidder"] or 0),
         "bids_without_listing": int(row["no_listing"] or 0),
     }
-    return usable, counts
