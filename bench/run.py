@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -178,15 +179,29 @@ def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) 
         _measure_capture(args, base, figures)
     if "landing" in stages:
         _measure_landing(args, base, figures)
-    if not stages & {"popularity", "nightly"}:
-        return
+    if "popularity" in stages:
+        with _spark(base, "encore-bench-popularity") as spark:
+            _measure_popularity(args, base, figures, spark)
+    if "nightly" in stages:
+        with _spark(base, "encore-bench-nightly") as spark:
+            _measure_nightly(args, base, figures, spark)
+
+
+@contextmanager
+def _spark(base: Settings, name: str) -> Iterator[Any]:
+    """A Spark session for one stage, so that a stage's memory does not weigh on the next;
+    a session that was already running (a test's) is used as it is and left running."""
+    from pyspark.sql import SparkSession
+
     from local.spark import local_session
 
-    spark = local_session(base, "encore-bench")
-    if "popularity" in stages:
-        _measure_popularity(args, base, figures, spark)
-    if "nightly" in stages:
-        _measure_nightly(args, base, figures, spark)
+    running = SparkSession.getActiveSession()
+    spark = local_session(base, name)
+    try:
+        yield spark
+    finally:
+        if running is None:
+            spark.stop()
 
 
 def _collect(
