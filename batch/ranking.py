@@ -32,7 +32,6 @@ Rules for every list
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from datetime import datetime
 
 from pyspark.ml.recommendation import ALSModel
@@ -90,8 +89,7 @@ def als_candidates(
     """Each ALS user's ``depth`` best items that have a live listing, mapped to those listings.
 
     ``users``: ``user_id``, ``user_idx`` of the users to serve; ``items``: item
-    columns and ``item_idx``. The dense ids stay beside the names, so that
-    :func:`pick` can tell users and items apart by two integers.
+    columns and ``item_idx``.
     """
     live_items = items.join(live.select(*ITEM_COLUMNS).distinct(), list(ITEM_COLUMNS))
     user_factors = fitted.userFactors.withColumnRenamed("id", "user_idx").join(users, "user_idx")
@@ -99,21 +97,11 @@ def als_candidates(
         live_items.select("item_idx"), "item_idx"
     )
     scored = model.top_k(user_factors, item_factors, depth)
-    # At most two listings per item: small enough to send to every task, not shuffle.
-    listings = F.broadcast(soonest_listings(live))
     return (
         scored.join(users, "user_idx")
         .join(items, "item_idx")
-        .join(listings, list(ITEM_COLUMNS))
-        .select(
-            "user_id",
-            "user_idx",
-            "item_idx",
-            *LISTING_COLUMNS,
-            "listing_bids",
-            "score",
-            F.lit(TIER_ALS).alias("tier"),
-        )
+        .join(soonest_listings(live), list(ITEM_COLUMNS))
+        .select("user_id", *LISTING_COLUMNS, "listing_bids", "score", F.lit(TIER_ALS).alias("tier"))
     )
 
 
@@ -196,28 +184,18 @@ def _list_order() -> list[Column]:
     ]
 
 
-def pick(
-    candidates: DataFrame,
-    won: DataFrame,
-    size: int,
-    user_key: str = "user_id",
-    item_key: Sequence[str] = ITEM_COLUMNS,
-) -> DataFrame:
+def pick(candidates: DataFrame, won: DataFrame, size: int) -> DataFrame:
     """Apply the rules of the module docstring; number each user's list from 1.
 
-    ``user_key`` and ``item_key`` name the columns that tell users and items
-    apart, in ``candidates`` and ``won`` alike. The ALS candidates pass the
-    dense ids, which number users and items one to one: sorting millions of
-    candidates on two integers is much cheaper than on four strings.
     Returns the candidates' columns plus ``position``.
     """
     allowed = candidates.filter(
         F.col("seller_id").isNull() | (F.col("seller_id") != F.col("user_id"))
-    ).join(won, [user_key, *item_key], "left_anti")
+    ).join(won, ["user_id", *ITEM_COLUMNS], "left_anti")
     allowed = allowed.filter(~F.isnan("score") & F.col("score").isNotNull())
 
-    per_item = Window.partitionBy(user_key, *item_key).orderBy(*_list_order())
-    per_user = Window.partitionBy(user_key).orderBy(*_list_order())
+    per_item = Window.partitionBy("user_id", *ITEM_COLUMNS).orderBy(*_list_order())
+    per_user = Window.partitionBy("user_id").orderBy(*_list_order())
     return (
         allowed.withColumn("_n", F.row_number().over(per_item))
         .filter("_n = 1")

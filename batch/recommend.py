@@ -216,17 +216,12 @@ def _documents(
     eligible = tables.users.join(
         per_user.filter(F.col("_items") >= MIN_ALS_INTERACTIONS).select("user_id"), "user_id"
     )
-    won_ids = won.join(tables.users, "user_id").join(tables.items, list(ITEM_COLUMNS))
     # Cached: both the lists and the choice of who falls back read it.
     als_picks = _cache(
         cached,
         ranking.pick(
-            ranking.als_candidates(fitted, eligible, tables.items, live, depth),
-            won_ids.select("user_idx", "item_idx"),
-            size,
-            user_key="user_idx",
-            item_key=("item_idx",),
-        ).drop("user_idx", "item_idx"),
+            ranking.als_candidates(fitted, eligible, tables.items, live, depth), won, size
+        ),
     )
 
     fallback_users = tables.users.select("user_id").join(

@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(STAGES),
         help=f"comma-separated stages to measure (default: all of {', '.join(STAGES)})",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other stages' figures from the existing latest.json (each stage "
+        "records when it was measured)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--aws-endpoint-url", help="use this endpoint instead of starting moto")
@@ -148,6 +154,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_report(args: argparse.Namespace, figures: dict[str, Any], complete: bool) -> None:
+    measured_at = datetime.now(UTC).isoformat(timespec="seconds")
+    measured = [stage for stage in STAGES if stage in args.stages.split(",")]
+    stages = {stage: {"measured_at": measured_at, "complete": complete} for stage in measured}
+    earlier_path = args.out / "latest.json"
+    if args.merge and earlier_path.exists():
+        earlier = json.loads(earlier_path.read_text())
+        kept = {
+            name: figure
+            for name, figure in earlier["figures"].items()
+            if _stage_of(name) not in measured
+        }
+        figures = dict(sorted({**kept, **figures}.items(), key=lambda item: _stage_order(item[0])))
+        # A report written before stages were recorded one by one: each figure in it was
+        # collected when its measurement had finished, so the figures kept are complete.
+        default = {"measured_at": earlier["measured_at"], "complete": True}
+        stages = {
+            stage: stages.get(stage) or earlier.get("stages", {}).get(stage, default)
+            for stage in STAGES
+            if stage in stages or any(_stage_of(name) == stage for name in kept)
+        }
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -159,8 +185,9 @@ def _write_report(args: argparse.Namespace, figures: dict[str, Any], complete: b
             for name in ("pyspark", "boto3", "moto", "psycopg2-binary", "aws-kinesis-agg")
         },
         "seed": args.seed,
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "complete": complete,
+        "measured_at": measured_at,
+        "stages": stages,
+        "complete": all(stage["complete"] for stage in stages.values()),
         "figures": figures,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +199,15 @@ def _write_report(args: argparse.Namespace, figures: dict[str, Any], complete: b
     print(table if complete else table + "\n(incomplete: a stage failed; see the error above)")
 
 
+def _stage_of(figure: str) -> str:
+    return figure.split(".")[0]
+
+
+def _stage_order(figure: str) -> int:
+    stage = _stage_of(figure)
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+
+
 def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) -> None:
     """Fill ``figures`` stage by stage."""
     stages = set(args.stages.split(","))
@@ -179,12 +215,14 @@ def _measure(args: argparse.Namespace, base: Settings, figures: dict[str, Any]) 
         _measure_capture(args, base, figures)
     if "landing" in stages:
         _measure_landing(args, base, figures)
-    if "popularity" in stages:
-        with _spark(base, "encore-bench-popularity") as spark:
-            _measure_popularity(args, base, figures, spark)
+    # The nightly job, the larger of the two, goes first: the JVM outlives a session,
+    # and it would otherwise start with what the popularity day left in the heap.
     if "nightly" in stages:
         with _spark(base, "encore-bench-nightly") as spark:
             _measure_nightly(args, base, figures, spark)
+    if "popularity" in stages:
+        with _spark(base, "encore-bench-popularity") as spark:
+            _measure_popularity(args, base, figures, spark)
 
 
 @contextmanager
@@ -324,7 +362,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | {figure['value']:,} | {figure['spread']:,} | {figure['unit']} "
             f"| {figure['runs']} |"
         )
-    return "\n".join(rows) + "\n"
+    lines = ["\n".join(rows), ""]
+    for stage, run in report.get("stages", {}).items():
+        state = "" if run["complete"] else " (incomplete)"
+        lines.append(f"- {stage}: measured {run['measured_at']}{state}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -93,3 +93,36 @@ def test_bench_command_refuses_an_unknown_stage(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--stages", "capture,training", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_bench_merge_keeps_the_other_stages_figures_with_when_they_were_measured(
+    tmp_path: Path, base_settings: Settings, postgres: LocalPostgres
+) -> None:
+    earlier = {
+        "measured_at": "2026-12-01T00:00:00+00:00",
+        "complete": True,
+        "figures": {
+            "capture.events_per_s": {"value": 1.0, "spread": 0, "unit": "events/s", "runs": 1},
+            "landing.events_per_s": {"value": 2.0, "spread": 0, "unit": "events/s", "runs": 1},
+        },
+    }
+    (tmp_path / "latest.json").write_text(json.dumps(earlier))
+    argv = [
+        "--stages", "landing", "--landing-events", "100", "--repeat", "1", "--merge",
+        "--out", str(tmp_path), "--aws-endpoint-url", str(base_settings.aws_endpoint_url),
+        "--postgres-dsn", postgres.dsn,
+    ]  # fmt: skip
+    assert run.main(argv) == 0
+
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert list(report["figures"]) == [
+        "capture.events_per_s",
+        "landing.events_per_s",
+        "landing.raw_put_events_per_s",
+    ]
+    assert report["figures"]["capture.events_per_s"]["value"] == 1.0
+    assert report["figures"]["landing.events_per_s"]["value"] != 2.0
+    assert report["stages"]["capture"]["measured_at"] == "2026-12-01T00:00:00+00:00"
+    assert report["stages"]["landing"]["measured_at"] == report["measured_at"]
+    assert report["complete"] is True
+    assert "- capture: measured 2026-12-01T00:00:00+00:00" in (tmp_path / "latest.md").read_text()
