@@ -40,7 +40,8 @@ def status(settings: Settings) -> dict[str, Any]:
 
     ``captured_events`` are the distinct events in the Kinesis stream, ``landed_events``
     those under the landing prefix, both by ``<type>.<op>``; ``not_yet_landed`` counts
-    the captured events that have not landed. ``newest_feed`` and ``last_night`` are
+    the captured events that have not landed; ``landed_unreadable`` names the landed
+    records that are no event (file and why). ``newest_feed`` and ``last_night`` are
     None until the popularity job and the nightly job have published.
 
     Limitations: the stream keeps events for its retention period (24 hours by
@@ -54,11 +55,14 @@ def status(settings: Settings) -> dict[str, Any]:
     }
     try:
         captured = pipeline.stream_events(settings)
-        landed = pipeline.landed_events(settings)
+        unreadable: list[str] = []
+        landed = pipeline.landed_events(settings, unreadable)
         s3 = boto3.client("s3", **settings.boto3_kwargs())
         report["captured_events"] = pipeline.event_counts(captured)
         report["landed_events"] = pipeline.event_counts(landed)
         report["not_yet_landed"] = len(captured.keys() - landed.keys())
+        # The popularity job quarantines these with their reasons; here they are named.
+        report["landed_unreadable"] = unreadable
         report["dead_lettered"] = _count(s3, settings.bucket, layout.CAPTURE_DEAD_LETTER_PREFIX)
         report["newest_feed"] = _newest(s3, settings.bucket, layout.FEEDS_PREFIX)
         report["last_night"] = _manifest(s3, settings.bucket)

@@ -225,14 +225,23 @@ def landed_event_counts(settings: Settings) -> dict[str, int]:
     return event_counts(landed_events(settings))
 
 
-def landed_events(settings: Settings) -> dict[str, str]:
-    """Every distinct landed event: its id and its ``<type>.<op>``."""
+def landed_events(settings: Settings, unreadable: list[str] | None = None) -> dict[str, str]:
+    """Every distinct landed event: its id and its ``<type>.<op>``.
+
+    A landed record that cannot be read as an event is skipped and named in
+    ``unreadable`` (``<key>: <why>``), when given; else it raises ``EventError``.
+    """
     s3 = boto3.client("s3", **settings.boto3_kwargs())
     seen: dict[str, str] = {}
     for key in _keys(s3, settings.bucket, layout.LANDING_PREFIX):
         body = s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
-        seen.update(_typed_ids(body))
+        report = None if unreadable is None else _noting(unreadable, key)
+        seen.update(_typed_ids(body, report))
     return seen
+
+
+def _noting(unreadable: list[str], key: str) -> Callable[[events.EventError], None]:
+    return lambda error: unreadable.append(f"{key}: {error}")
 
 
 def stream_events(settings: Settings) -> dict[str, str]:
@@ -256,10 +265,12 @@ def stream_events(settings: Settings) -> dict[str, str]:
     return seen
 
 
-def _typed_ids(body: bytes) -> dict[str, str]:
+def _typed_ids(
+    body: bytes, on_error: Callable[[events.EventError], None] | None = None
+) -> dict[str, str]:
     return {
         str(event["event_id"]): f"{event['event_type']}.{event['op']}"
-        for event in events.decode(body.decode())
+        for event in events.decode(body.decode(), on_error)
     }
 
 

@@ -55,7 +55,7 @@ import csv
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import ClassVar
@@ -296,12 +296,22 @@ def _line(row: list[str | None]) -> bytes:
     return (line + "\n").encode()
 
 
-def decode(lines: str | Iterable[str]) -> list[dict[str, str | None]]:
-    """Read landed CSV text back into events; the inverse of :func:`encode`."""
+def decode(
+    lines: str | Iterable[str], on_error: Callable[[EventError], None] | None = None
+) -> list[dict[str, str | None]]:
+    """Read landed CSV text back into events; the inverse of :func:`encode`.
+
+    A record with the wrong number of fields raises :class:`EventError`, or, when
+    ``on_error`` is given, is handed to it and skipped.
+    """
     source = io.StringIO(lines) if isinstance(lines, str) else lines
     events = []
     for number, fields in enumerate(csv.reader(source), start=1):
         if len(fields) != len(COLUMNS):
-            raise EventError(f"record {number} has {len(fields)} fields, expected {len(COLUMNS)}")
+            error = EventError(f"record {number} has {len(fields)} fields, expected {len(COLUMNS)}")
+            if on_error is None:
+                raise error
+            on_error(error)
+            continue
         events.append({name: (value or None) for name, value in zip(COLUMNS, fields, strict=True)})
     return events

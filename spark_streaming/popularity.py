@@ -196,13 +196,17 @@ def _process_batch(
     checked = landing.validate(batch).persist()
     try:
         is_valid = F.col(landing.REASON_COLUMN).isNull()
-        valid = feeds.mark_late(checked.filter(is_valid), watermark_us).select(
-            *[name for name in state.EVENTS_SCHEMA.names if name != "batch_id"]
-        )
+        valid = feeds.mark_late(checked.filter(is_valid), watermark_us)
         applied, unapplied = state.split_folded(
             valid, state.read_folded(spark, base_uri, previous), previous
         )
-        unapplied = unapplied.persist()
+        applied = applied.select(
+            *[name for name in state.EVENTS_SCHEMA.names if name != "batch_id"]
+        )
+        # Quarantined as they were read, description included, like the unreadable rows.
+        unapplied = unapplied.select(
+            "listing_id", landing.SOURCE_COLUMN, landing.RECORD_COLUMN
+        ).persist()
         counts = checked.agg(
             F.count(F.when(is_valid, True)).alias("valid"),
             F.count(F.when(~is_valid, True)).alias("rejected"),
@@ -298,9 +302,7 @@ def _quarantine(base_uri: str, rejected: DataFrame, unapplied: DataFrame, batch_
             F.col("listing_id"),
             F.lit(" closed and was folded into the totals before this event arrived"),
         ).alias(landing.REASON_COLUMN),
-        F.to_json(F.struct(*[F.col(name) for name in state.STATE_COLUMNS])).alias(
-            landing.RECORD_COLUMN
-        ),
+        landing.RECORD_COLUMN,
     )
     rejected.select(*columns).unionByName(too_late).write.mode("overwrite").json(
         _quarantine_uri(base_uri, batch_id)

@@ -92,6 +92,7 @@ def test_status_shows_slot_lag_events_captured_and_landed_feed_age_and_last_nigh
     assert drained["captured_events"] == drained["landed_events"] == landed
     assert landed["bid.insert"] == flow.bids_inserted == drained["bids_in_database"]
     assert drained["not_yet_landed"] == drained["dead_lettered"] == 0
+    assert drained["landed_unreadable"] == []
     assert drained["slot"]["name"] == settings.slot_name and drained["slot"]["lag_bytes"] >= 0
     assert drained["newest_feed"] is None and drained["last_night"] is None
 
@@ -131,6 +132,14 @@ def test_status_shows_slot_lag_events_captured_and_landed_feed_age_and_last_nigh
     assert published["newest_feed"]["key"] == feeds[-1]
     assert 0 <= published["newest_feed"]["age_s"] < 60
     assert published["last_night"] == manifest
+
+    # A hand-made file with a broken record: named, and the events around it still count.
+    broken = layout.landing_key(datetime.now(UTC), "hand-made")
+    s3.put_object(Bucket=settings.bucket, Key=broken, Body=b"1,only,three fields\n")
+    with_broken = operate.status(settings)
+
+    assert with_broken["landed_events"] == landed
+    assert with_broken["landed_unreadable"] == [f"{broken}: record 1 has 3 fields, expected 22"]
 
 
 def test_land_command_shows_the_records_it_moved(

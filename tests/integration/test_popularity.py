@@ -759,6 +759,20 @@ def test_closed_listings_fold_out_of_the_state_and_the_figures_stay_exact(
         for name in ("encore-landing-2", "encore-landing-4")
     ]
     assert any("not applied" in message for message in runs[1].warnings)
+    # Each quarantined as it was read: every field the string that landed.
+    bid, listing = (
+        json.loads(row["record"]) for row in sorted(too_late, key=lambda row: row["source_file"])
+    )
+    assert (bid["bid_id"], bid["amount"], bid["placed_at"]) == (
+        "21",
+        "10.00",
+        "2026-12-04T12:00:00.000000Z",
+    )
+    assert (listing["listing_id"], listing["title"], listing["status"]) == (
+        "2001",
+        "Game Boy",
+        "live",
+    )
 
     # Only the last two versions remain, and the folded ids were copied into batch 2's.
     state_keys = bucket.keys(layout.POPULARITY_STATE_PREFIX)
