@@ -276,10 +276,12 @@ def fold(
             return events, tables, progress
         totals = _folded_totals(foldable, tables.figures, progress.folded.totals)
         _write_folded_ids(spark, base_uri, foldable, progress)
+        # Kept apart from the lineage, so that writing the state and the feeds do not
+        # find the foldable listings again.
+        gone = foldable.select("owner", "listing_id").localCheckpoint()
     finally:
         foldable.unpersist()
 
-    gone = foldable.select("owner", "listing_id")
     kept = events.withColumn("owner", _owner()).join(gone.select("owner"), "owner", "left_anti")
     listings = gone.filter(F.col("listing_id").isNotNull()).select("listing_id")
     kept_tables = feeds.Tables(
