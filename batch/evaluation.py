@@ -286,32 +286,8 @@ def evaluate(
     train = split.train.cache()
     test = split.test.cache()
     try:
-        users = test.select("user_idx").distinct()
-        catalogue = train.select("item_idx").distinct().count()
-        # The baseline needs no model: it is scored while the candidates are tuned.
-        with ThreadPoolExecutor(1) as pool:
-            baseline = pool.submit(
-                lambda: ranking_metrics(
-                    popularity_recommendations(train, users, k), test, catalogue, k
-                )
-            )
-            best, tuning = tune(train, base, k)
-            fitted = model.fit(train, best)
-            als = ranking_metrics(als_recommendations(fitted, train, users, k), test, catalogue, k)
-            popular = baseline.result()
-        result = {
-            "split": split.method,
-            "holdout_share": HOLDOUT_SHARE,
-            "k": k,
-            "max_users": max_users,
-            "train_interactions": train.count(),
-            "test_interactions": test.count(),
-            "users_evaluated": als.pop("users"),
-            "params": best.as_dict(),
-            "tuning": tuning,
-            "als": als,
-            "popularity": {name: value for name, value in popular.items() if name != "users"},
-        }
+        with model.releasing_factors(interactions.sparkSession):
+            result = _evaluate_split(split.method, train, test, base, k, max_users)
     finally:
         train.unpersist()
         test.unpersist()
@@ -323,6 +299,41 @@ def evaluate(
         result["popularity"],
     )
     return result
+
+
+def _evaluate_split(
+    method: str,
+    train: DataFrame,
+    test: DataFrame,
+    base: AlsParams,
+    k: int,
+    max_users: int | None,
+) -> dict[str, Any]:
+    """Tune on the training part, then score the winner and the baseline on the test part."""
+    users = test.select("user_idx").distinct()
+    catalogue = train.select("item_idx").distinct().count()
+    # The baseline needs no model: it is scored while the candidates are tuned.
+    with ThreadPoolExecutor(1) as pool:
+        baseline = pool.submit(
+            lambda: ranking_metrics(popularity_recommendations(train, users, k), test, catalogue, k)
+        )
+        best, tuning = tune(train, base, k)
+        fitted = model.fit(train, best)
+        als = ranking_metrics(als_recommendations(fitted, train, users, k), test, catalogue, k)
+        popular = baseline.result()
+    return {
+        "split": method,
+        "holdout_share": HOLDOUT_SHARE,
+        "k": k,
+        "max_users": max_users,
+        "train_interactions": train.count(),
+        "test_interactions": test.count(),
+        "users_evaluated": als.pop("users"),
+        "params": best.as_dict(),
+        "tuning": tuning,
+        "als": als,
+        "popularity": {name: value for name, value in popular.items() if name != "users"},
+    }
 
 
 def evaluate_bid_log(

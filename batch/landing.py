@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
 CLOSED_STATUSES = ("sold", "ended")
+#: Contract columns the nightly job has no use for: listings carry their category titles.
+UNREAD_COLUMNS = ("schema_version", "category_id", "sub_category_id", "description")
 
 
 class LandingError(RuntimeError):
@@ -105,7 +107,10 @@ def read_events(spark: SparkSession, base_uri: str) -> DataFrame:
 def load_landed(spark: SparkSession, base_uri: str) -> Landed:
     """Read and check the landed events, count them once each; rebuild bids and listings."""
     # The files are parsed once: the checked rows stay cached until the run releases them.
-    raw = read_events(spark, base_uri).withColumn("_valid", _is_valid()).cache()
+    # Columns the night never reads are not parsed or cached (descriptions can be long).
+    raw = (
+        read_events(spark, base_uri).drop(*UNREAD_COLUMNS).withColumn("_valid", _is_valid()).cache()
+    )
     # One row per event id with how many copies were landed; other rows share the null id.
     per_event = raw.groupBy(F.when(F.col("_valid"), F.col("event_id")).alias("_id")).agg(
         F.count(F.lit(1)).alias("copies"),

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 from pyspark.ml.recommendation import ALS, ALSModel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
 from encore.settings import Settings
@@ -44,6 +45,8 @@ SCORE_SCHEMA = StructType(
     ]
 )
 USERS_PER_BLOCK = 512
+#: The names Spark's ALS gives the factor RDDs it persists for each fitted model.
+FACTOR_RDDS = frozenset({"userFactors", "itemFactors"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,30 @@ def fit(ratings: DataFrame, params: AlsParams) -> ALSModel:
     model = als.fit(ratings)
     logger.debug("ALS fitted with %s", params)
     return model
+
+
+@contextmanager
+def releasing_factors(spark: SparkSession) -> Iterator[None]:
+    """Unpersist, when the block ends, the factors of every model fitted inside it.
+
+    Spark's ALS persists each fitted model's user and item factors and never
+    releases them: the model's ``userFactors`` and ``itemFactors`` are new
+    frames over those RDDs, so unpersisting the frames does not reach them. A
+    night fits several models (the tuning candidates, the evaluation's and the
+    final one); without this their factors would stay in the heap for as long
+    as the JVM lives, and a second night in the same JVM would start short of
+    memory. The factor RDDs are found among the RDDs persisted inside the block.
+    """
+    context = spark.sparkContext._jsc
+    before = set(context.getPersistentRDDs().keySet())
+    try:
+        yield
+    finally:
+        persisted = context.getPersistentRDDs()
+        for rdd_id in set(persisted.keySet()) - before:
+            rdd = persisted.get(rdd_id)
+            if rdd is not None and rdd.name() in FACTOR_RDDS:
+                rdd.unpersist(False)
 
 
 def top_k(users: DataFrame, items: DataFrame, k: int, exclude: str | None = None) -> DataFrame:

@@ -83,64 +83,152 @@ def won_items(item_bids: DataFrame, listings: DataFrame) -> DataFrame:
     )
 
 
-def als_candidates(
-    fitted: ALSModel, users: DataFrame, items: DataFrame, live: DataFrame, depth: int
+def als_picks(
+    fitted: ALSModel,
+    users: DataFrame,
+    everyone: DataFrame,
+    items: DataFrame,
+    live: DataFrame,
+    won: DataFrame,
+    size: int,
 ) -> DataFrame:
-    """Each ALS user's ``depth`` best items that have a live listing, mapped to those listings.
+    """Each of ``users``' ALS list, with the same columns as :func:`pick` returns.
 
-    ``users``: ``user_id``, ``user_idx`` of the users to serve; ``items``: item
-    columns and ``item_idx``.
+    ``users``: ``user_id``, ``user_idx`` of the users to serve; ``everyone``:
+    the same for every user, to recognise sellers among them; ``items``: item
+    columns and ``item_idx``; ``won`` as :func:`won_items` gives it.
+
+    The rules are applied on integer ids while the items are scored, so the
+    millions of scored candidates are never joined to strings: won items are
+    excluded before the best ``size * CANDIDATE_FACTOR`` are chosen, every
+    item has one row of :func:`listing_choices`, and the user's own listing
+    gives way to the soonest of another seller. Only the chosen entries are
+    joined to their listings.
     """
-    live_items = items.join(live.select(*ITEM_COLUMNS).distinct(), list(ITEM_COLUMNS))
-    user_factors = fitted.userFactors.withColumnRenamed("id", "user_idx").join(users, "user_idx")
+    depth = size * CANDIDATE_FACTOR
+    choices = (
+        listing_choices(live)
+        .join(items, list(ITEM_COLUMNS))
+        .join(
+            everyone.select(
+                F.col("user_id").alias("first_seller"), F.col("user_idx").alias("_seller_idx")
+            ),
+            "first_seller",
+            "left",
+        )
+        .select(
+            "item_idx",
+            "first_listing",
+            "first_ends_at",
+            "other_listing",
+            "other_ends_at",
+            "_seller_idx",
+        )
+    )
+    won_ids = (
+        won.join(items, list(ITEM_COLUMNS))
+        .join(users, "user_id")
+        .groupBy("user_idx")
+        .agg(F.collect_list("item_idx").alias("_won"))
+    )
+    user_factors = (
+        fitted.userFactors.withColumnRenamed("id", "user_idx")
+        .join(users.select("user_idx"), "user_idx")
+        .join(won_ids, "user_idx", "left")
+    )
     item_factors = fitted.itemFactors.withColumnRenamed("id", "item_idx").join(
-        live_items.select("item_idx"), "item_idx"
+        choices.select("item_idx"), "item_idx"
     )
-    scored = model.top_k(user_factors, item_factors, depth)
+    scored = model.top_k(user_factors, item_factors, depth, exclude="_won")
+
+    own = F.col("_seller_idx").eqNullSafe(F.col("user_idx"))
+    chosen = (
+        scored.join(F.broadcast(choices), "item_idx")
+        .select(
+            "user_idx",
+            "score",
+            F.when(own, F.col("other_listing")).otherwise(F.col("first_listing")).alias("_id"),
+            F.when(own, F.col("other_ends_at")).otherwise(F.col("first_ends_at")).alias("_ends"),
+        )
+        .filter(F.col("_id").isNotNull())
+    )
+    per_user = Window.partitionBy("user_idx").orderBy(
+        F.col("score").desc(), F.col("_ends").asc_nulls_last(), F.col("_id")
+    )
+    listed = chosen.withColumn("position", F.row_number().over(per_user)).filter(
+        F.col("position") <= size
+    )
+    details = live.select(*LISTING_COLUMNS, "listing_bids")
     return (
-        scored.join(users, "user_idx")
-        .join(items, "item_idx")
-        .join(soonest_listings(live), list(ITEM_COLUMNS))
-        .select("user_id", *LISTING_COLUMNS, "listing_bids", "score", F.lit(TIER_ALS).alias("tier"))
+        listed.join(users, "user_idx")
+        .join(F.broadcast(details), F.col("_id") == F.col("listing_id"))
+        .select(
+            "user_id",
+            *LISTING_COLUMNS,
+            "listing_bids",
+            "score",
+            F.lit(TIER_ALS).alias("tier"),
+            "position",
+        )
     )
 
 
-def soonest_listings(live: DataFrame) -> DataFrame:
+def listing_choices(live: DataFrame) -> DataFrame:
     """Per item, the listings an ALS list can show: at most two, never more.
 
-    A list shows the soonest-ending live listing of an item, unless the user
-    is its seller; then the soonest-ending one of another seller. Keeping the
-    soonest listing and the soonest of a different seller covers both cases
-    for every user, so the candidates do not grow with the number of live
-    listings an item has (a popular title can have a thousand).
+    A list shows the soonest-ending live listing of an item
+    (``first_listing``, sold by ``first_seller``), unless the user is its
+    seller; then the soonest-ending one of another seller (``other_listing``,
+    null when there is none). These two cover every user, so the choice does
+    not grow with the number of live listings an item has (a popular title
+    can have a thousand). One row per item: item columns, ``first_listing``,
+    ``first_seller``, ``first_ends_at``, ``other_listing``, ``other_ends_at``.
     """
     per_item = Window.partitionBy(*ITEM_COLUMNS).orderBy(*_soonest_order())
-    ranked = live.withColumn("_n", F.row_number().over(per_item))
-    first = ranked.filter("_n = 1").drop("_n")
-    first_sellers = first.select(*ITEM_COLUMNS, F.col("seller_id").alias("_first_seller"))
+    first = (
+        live.withColumn("_n", F.row_number().over(per_item))
+        .filter("_n = 1")
+        .select(
+            *ITEM_COLUMNS,
+            F.col("listing_id").alias("first_listing"),
+            F.col("seller_id").alias("first_seller"),
+            F.col("ends_at").alias("first_ends_at"),
+        )
+    )
     other = (
-        live.join(first_sellers, list(ITEM_COLUMNS))
-        .filter(~F.col("seller_id").eqNullSafe(F.col("_first_seller")))
-        .drop("_first_seller")
+        live.join(first.select(*ITEM_COLUMNS, "first_seller"), list(ITEM_COLUMNS))
+        .filter(~F.col("seller_id").eqNullSafe(F.col("first_seller")))
         .withColumn("_n", F.row_number().over(per_item))
         .filter("_n = 1")
-        .drop("_n")
+        .select(
+            *ITEM_COLUMNS,
+            F.col("listing_id").alias("other_listing"),
+            F.col("ends_at").alias("other_ends_at"),
+        )
     )
-    return first.unionByName(other)
+    return first.join(other, list(ITEM_COLUMNS), "left")
 
 
 def _soonest_order() -> list[Column]:
     return [F.col("ends_at").asc_nulls_last(), F.col("listing_id")]
 
 
-def popularity_candidates(
-    users: DataFrame, user_categories: DataFrame, live: DataFrame, depth: int
+def popularity_picks(
+    users: DataFrame, user_categories: DataFrame, live: DataFrame, won: DataFrame, size: int
 ) -> DataFrame:
     """For each of ``users``, the most-bid live listings of their categories, then overall.
 
-    Each item is represented by its most-bid live listing; ``score`` is that
-    listing's bid count.
+    ``user_categories``: ``user_id``, ``category`` for every category a user
+    has bid in; ``won`` as :func:`won_items` gives it. Each item is
+    represented by its most-bid live listing, and ``score`` is that listing's
+    bid count. Returns the same columns as :func:`als_picks`.
+
+    The rules are applied to narrow rows (user, listing, score), of which
+    there are dozens per user; only the chosen entries are joined to their
+    listings. A listing in both a category's top and the global top is kept
+    once, at its best tier.
     """
+    depth = size * CANDIDATE_FACTOR
     per_item = Window.partitionBy(*ITEM_COLUMNS).orderBy(*_popular_order())
     best_listings = (
         live.withColumn("score", F.col("listing_bids").cast("double"))
@@ -148,23 +236,44 @@ def popularity_candidates(
         .filter("_n = 1")
         .drop("_n")
     )
+    ranked = ("listing_id", "seller_id", "score", "ends_at")
     in_category = Window.partitionBy("category").orderBy(*_popular_order())
-    category_top = best_listings.withColumn("_n", F.row_number().over(in_category)).filter(
-        F.col("_n") <= depth
+    category_top = (
+        best_listings.withColumn("_n", F.row_number().over(in_category))
+        .filter(F.col("_n") <= depth)
+        .select("category", *ranked)
     )
-    global_top = best_listings.withColumn(
-        "_n", F.row_number().over(Window.orderBy(*_popular_order()))
-    ).filter(F.col("_n") <= depth)
-
-    columns = ["user_id", *LISTING_COLUMNS, "listing_bids", "score", "tier"]
+    global_top = (
+        best_listings.withColumn("_n", F.row_number().over(Window.orderBy(*_popular_order())))
+        .filter(F.col("_n") <= depth)
+        .select(*ranked)
+    )
     by_category = (
         users.join(user_categories, "user_id")
-        .join(category_top, "category")
-        .withColumn("tier", F.lit(TIER_CATEGORY))
-        .select(*columns)
+        .join(F.broadcast(category_top), "category")
+        .select("user_id", *ranked, F.lit(TIER_CATEGORY).alias("tier"))
     )
-    overall = users.crossJoin(global_top).withColumn("tier", F.lit(TIER_GLOBAL)).select(*columns)
-    return by_category.unionByName(overall)
+    overall = users.crossJoin(F.broadcast(global_top)).select(
+        "user_id", *ranked, F.lit(TIER_GLOBAL).alias("tier")
+    )
+    won_listings = won.join(
+        best_listings.select(*ITEM_COLUMNS, "listing_id"), list(ITEM_COLUMNS)
+    ).select("user_id", "listing_id")
+    allowed = (
+        by_category.unionByName(overall)
+        .filter(F.col("seller_id").isNull() | (F.col("seller_id") != F.col("user_id")))
+        .join(won_listings, ["user_id", "listing_id"], "left_anti")
+        .groupBy("user_id", "listing_id", "score", "ends_at")
+        .agg(F.min("tier").alias("tier"))
+    )
+    per_user = Window.partitionBy("user_id").orderBy(*_list_order())
+    listed = allowed.withColumn("position", F.row_number().over(per_user)).filter(
+        F.col("position") <= size
+    )
+    details = live.select(*LISTING_COLUMNS, "listing_bids").drop("ends_at")
+    return listed.join(F.broadcast(details), "listing_id").select(
+        "user_id", *LISTING_COLUMNS, "listing_bids", "score", "tier", "position"
+    )
 
 
 def _popular_order() -> list[Column]:
@@ -182,27 +291,6 @@ def _list_order() -> list[Column]:
         F.col("ends_at").asc_nulls_last(),
         F.col("listing_id"),
     ]
-
-
-def pick(candidates: DataFrame, won: DataFrame, size: int) -> DataFrame:
-    """Apply the rules of the module docstring; number each user's list from 1.
-
-    Returns the candidates' columns plus ``position``.
-    """
-    allowed = candidates.filter(
-        F.col("seller_id").isNull() | (F.col("seller_id") != F.col("user_id"))
-    ).join(won, ["user_id", *ITEM_COLUMNS], "left_anti")
-    allowed = allowed.filter(~F.isnan("score") & F.col("score").isNotNull())
-
-    per_item = Window.partitionBy("user_id", *ITEM_COLUMNS).orderBy(*_list_order())
-    per_user = Window.partitionBy("user_id").orderBy(*_list_order())
-    return (
-        allowed.withColumn("_n", F.row_number().over(per_item))
-        .filter("_n = 1")
-        .drop("_n")
-        .withColumn("position", F.row_number().over(per_user))
-        .filter(F.col("position") <= size)
-    )
 
 
 def source_column() -> Column:

@@ -85,28 +85,30 @@ def run_nightly(
     landed = landing.load_landed(spark, base_uri)
     cached: list[DataFrame] = []
     try:
-        tables = _tables(landed, settings, cached)
-        clock.lap("read")
-        scores = evaluation.evaluate(
-            tables.indexed, AlsParams.from_settings(settings), max_users=settings.eval_max_users
-        )
-        params = AlsParams(**scores["params"])
-        clock.lap("evaluate")
-        fitted = model.fit(tables.indexed, params)
-        clock.lap("fit")
+        # The night's models (tuning candidates included) leave nothing in the heap.
+        with model.releasing_factors(spark):
+            tables = _tables(landed, settings, cached)
+            clock.lap("read")
+            scores = evaluation.evaluate(
+                tables.indexed, AlsParams.from_settings(settings), max_users=settings.eval_max_users
+            )
+            params = AlsParams(**scores["params"])
+            clock.lap("evaluate")
+            fitted = model.fit(tables.indexed, params)
+            clock.lap("fit")
 
-        live = _cache(cached, ranking.live_listings(landed.listings, landed.bids, now))
-        documents = _cache(cached, _documents(fitted, tables, landed, live, settings, cached))
-        counts = _counts(landed.counts, tables, live, documents)
-        sample = _sample(documents)
-        clock.lap("score")
+            live = _cache(cached, ranking.live_listings(landed.listings, landed.bids, now))
+            documents = _cache(cached, _documents(fitted, tables, landed, live, settings, cached))
+            counts = _counts(landed.counts, tables, live, documents)
+            sample = _sample(documents)
+            clock.lap("score")
 
-        generated_at = _iso(now)
-        manifest = _manifest(run_id, generated_at, params, settings, landed, counts, scores)
-        manifest["model"]["spark_version"] = spark.version
-        manifest["stage_seconds"] = dict(clock.laps)
-        _publish(documents, manifest, settings, bucket, run_id, generated_at)
-        clock.lap("publish")
+            generated_at = _iso(now)
+            manifest = _manifest(run_id, generated_at, params, settings, landed, counts, scores)
+            manifest["model"]["spark_version"] = spark.version
+            manifest["stage_seconds"] = dict(clock.laps)
+            _publish(documents, manifest, settings, bucket, run_id, generated_at)
+            clock.lap("publish")
     finally:
         for frame in cached:
             frame.unpersist()
@@ -209,8 +211,7 @@ def _documents(
 ) -> DataFrame:
     """One row per user: ``user_id``, ``source``, ``items`` (best first)."""
     size = settings.recs_per_user
-    depth = size * ranking.CANDIDATE_FACTOR
-    won = ranking.won_items(tables.bids, landed.listings)
+    won = _cache(cached, ranking.won_items(tables.bids, landed.listings))
 
     per_user = tables.pairs.groupBy("user_id").agg(F.count(F.lit(1)).alias("_items"))
     eligible = tables.users.join(
@@ -218,19 +219,14 @@ def _documents(
     )
     # Cached: both the lists and the choice of who falls back read it.
     als_picks = _cache(
-        cached,
-        ranking.pick(
-            ranking.als_candidates(fitted, eligible, tables.items, live, depth), won, size
-        ),
+        cached, ranking.als_picks(fitted, eligible, tables.users, tables.items, live, won, size)
     )
 
     fallback_users = tables.users.select("user_id").join(
         als_picks.select("user_id").distinct(), "user_id", "left_anti"
     )
     user_categories = tables.pairs.select("user_id", "category").distinct()
-    popular_picks = ranking.pick(
-        ranking.popularity_candidates(fallback_users, user_categories, live, depth), won, size
-    )
+    popular_picks = ranking.popularity_picks(fallback_users, user_categories, live, won, size)
 
     entry = F.struct(
         "position", "listing_id", "title", "category", "sub_category", "price", "score"

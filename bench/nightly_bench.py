@@ -99,7 +99,7 @@ def confidence_matrix(traffic: Traffic) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def spark_fit_score(spark: Any, traffic: Traffic, settings: Settings) -> float:
-    from batch.model import AlsParams, fit, top_k
+    from batch.model import AlsParams, fit, releasing_factors, top_k
 
     users, items, counts = confidence_matrix(traffic)
     frame = spark.createDataFrame(
@@ -107,15 +107,16 @@ def spark_fit_score(spark: Any, traffic: Traffic, settings: Settings) -> float:
         "user_idx INT, item_idx INT, confidence DOUBLE",
     ).cache()
     frame.count()
-    started = time.perf_counter()
-    model = fit(frame, AlsParams.from_settings(settings))
-    scored = top_k(
-        model.userFactors.withColumnRenamed("id", "user_idx"),
-        model.itemFactors.withColumnRenamed("id", "item_idx"),
-        10,
-    )
-    scored.count()
-    elapsed = time.perf_counter() - started
+    with releasing_factors(spark):
+        started = time.perf_counter()
+        model = fit(frame, AlsParams.from_settings(settings))
+        scored = top_k(
+            model.userFactors.withColumnRenamed("id", "user_idx"),
+            model.itemFactors.withColumnRenamed("id", "item_idx"),
+            10,
+        )
+        scored.count()
+        elapsed = time.perf_counter() - started
     frame.unpersist()
     return elapsed
 

@@ -16,6 +16,7 @@ from collections import Counter
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -219,34 +220,44 @@ def test_documents_hold_only_what_the_user_may_bid_on(
         assert marketplace.stale_live_listing not in listing_ids
 
 
-def test_a_list_skips_own_listings_won_items_and_repeated_items(spark: Any) -> None:
-    later, sooner = ANCHOR + timedelta(days=2), ANCHOR + timedelta(days=1)
-    rows = [  # listing, seller, item, ends_at, score
-        ("own", "u", "A", sooner, 0.9),
-        ("won", None, "B", sooner, 0.8),
-        ("c-later", None, "C", later, 0.7),
-        ("c-sooner", None, "C", sooner, 0.7),
-        ("not-a-number", None, "D", sooner, float("nan")),
-        ("e", None, "E", sooner, 0.5),
-        ("f", None, "F", sooner, 0.4),
+def test_a_popular_list_skips_own_listings_and_won_items_and_tops_up_once(spark: Any) -> None:
+    sooner, later = ANCHOR + timedelta(days=1), ANCHOR + timedelta(days=2)
+    rows = [  # listing, seller, category, item, ends_at, bids
+        ("own", "u", "Toys", "A", sooner, 9),
+        ("won", None, "Toys", "B", sooner, 8),
+        ("c-later", None, "Toys", "C", later, 7),
+        ("c-sooner", None, "Toys", "C", sooner, 7),
+        ("c-fewer", None, "Toys", "C", sooner, 1),
+        ("watch", None, "Watches", "W", sooner, 20),
+        ("e", None, "Toys", "E", sooner, 5),
     ]
-    candidates = spark.createDataFrame(
+    live = spark.createDataFrame(
         [
-            ("u", listing, seller, "Toys", "Funko", item, Decimal("1.00"), ends, 0, score, 0)
-            for listing, seller, item, ends, score in rows
+            (listing, seller, category, "Sub", item, Decimal("1.00"), ends, bids)
+            for listing, seller, category, item, ends, bids in rows
         ],
-        "user_id string, listing_id string, seller_id string, category string, "
-        "sub_category string, title string, price decimal(18,2), ends_at timestamp, "
-        "listing_bids long, score double, tier int",
+        "listing_id string, seller_id string, category string, sub_category string, "
+        "title string, price decimal(18,2), ends_at timestamp, listing_bids long",
     )
+    users = spark.createDataFrame([("u",)], "user_id string")
+    categories = spark.createDataFrame([("u", "Toys")], "user_id string, category string")
     won = spark.createDataFrame(
-        [("u", "Toys", "Funko", "B")],
+        [("u", "Toys", "Sub", "B")],
         "user_id string, category string, sub_category string, title string",
     )
 
-    picked = ranking.pick(candidates, won, size=2).orderBy("position").collect()
+    picked = ranking.popularity_picks(users, categories, live, won, size=4)
 
-    assert [(row["listing_id"], row["position"]) for row in picked] == [("c-sooner", 1), ("e", 2)]
+    # C is represented by its most-bid, then soonest listing; the watch tops up the Toys
+    # list from the global list, and Toys items in the global list are not listed again.
+    assert [
+        (row["listing_id"], row["tier"], row["score"], row["position"])
+        for row in picked.orderBy("position").collect()
+    ] == [
+        ("c-sooner", ranking.TIER_CATEGORY, 7.0, 1),
+        ("e", ranking.TIER_CATEGORY, 5.0, 2),
+        ("watch", ranking.TIER_GLOBAL, 20.0, 3),
+    ]
 
 
 def test_each_item_keeps_its_soonest_listing_and_the_soonest_of_another_seller(
@@ -271,10 +282,92 @@ def test_each_item_keeps_its_soonest_listing_and_the_soonest_of_another_seller(
         "title string, price decimal(18,2), ends_at timestamp, listing_bids long",
     )
 
-    kept = {row["listing_id"] for row in ranking.soonest_listings(live).collect()}
+    choices = {
+        row["title"]: (row["first_listing"], row["first_seller"], row["other_listing"])
+        for row in ranking.listing_choices(live).collect()
+    }
 
     # s1 sees a3 for A and nothing for B (all of B is their own); anyone else sees a1, b1, c1.
-    assert kept == {"a1", "a3", "b1", "c1", "c2"}
+    assert choices == {
+        "A": ("a1", "s1", "a3"),
+        "B": ("b1", "s1", None),
+        "C": ("c1", None, "c2"),
+    }
+
+
+def test_an_als_list_skips_won_items_and_gives_own_listings_way(spark: Any) -> None:
+    sooner, later = ANCHOR + timedelta(days=1), ANCHOR + timedelta(days=2)
+    rows = [  # listing, seller, item, ends_at
+        ("a-own", "u", "A", sooner),
+        ("a-other", "v", "A", later),
+        ("b", None, "B", sooner),
+        ("c-own", "u", "C", sooner),
+        ("d", None, "D", sooner),
+        ("e", None, "E", sooner),
+    ]
+    live = spark.createDataFrame(
+        [
+            (listing, seller, "Toys", "Funko", item, Decimal("1.00"), ends, 0)
+            for listing, seller, item, ends in rows
+        ],
+        "listing_id string, seller_id string, category string, sub_category string, "
+        "title string, price decimal(18,2), ends_at timestamp, listing_bids long",
+    )
+    items = spark.createDataFrame(
+        [("Toys", "Funko", item, index) for index, item in enumerate("ABCDE")],
+        "category string, sub_category string, title string, item_idx int",
+    )
+    users = spark.createDataFrame([("u", 0)], "user_id string, user_idx int")
+    everyone = spark.createDataFrame([("u", 0), ("v", 1)], "user_id string, user_idx int")
+    # One factor: the item's score is its factor, so A > B > C > D > E for user u.
+    fitted = SimpleNamespace(
+        userFactors=spark.createDataFrame([(0, [1.0])], "id int, features array<float>"),
+        itemFactors=spark.createDataFrame(
+            [(index, [5.0 - index]) for index in range(5)], "id int, features array<float>"
+        ),
+    )
+    won = spark.createDataFrame(
+        [("u", "Toys", "Funko", "B")],
+        "user_id string, category string, sub_category string, title string",
+    )
+
+    picked = ranking.als_picks(fitted, users, everyone, items, live, won, size=1)
+    # size 1 keeps a depth of CANDIDATE_FACTOR items: A, then C and D once B is excluded.
+    listed = ranking.als_picks(fitted, users, everyone, items, live, won, size=3)
+
+    assert [(row["listing_id"], row["position"]) for row in picked.collect()] == [("a-other", 1)]
+    assert [
+        (row["listing_id"], row["position"], row["tier"], row["score"])
+        for row in listed.orderBy("position").collect()
+    ] == [
+        ("a-other", 1, ranking.TIER_ALS, 5.0),
+        ("d", 2, ranking.TIER_ALS, 2.0),
+        ("e", 3, ranking.TIER_ALS, 1.0),
+    ]
+
+
+def test_the_factors_of_models_fitted_in_a_night_are_released(spark: Any) -> None:
+    ratings = spark.createDataFrame(
+        [(user, item, 1.0) for user in range(4) for item in range(3) if (user + item) % 2],
+        "user_idx int, item_idx int, confidence double",
+    )
+    context = spark.sparkContext._jsc
+
+    def factor_rdds() -> set[int]:
+        persisted = context.getPersistentRDDs()
+        return {
+            rdd_id
+            for rdd_id in persisted.keySet()
+            if persisted.get(rdd_id).name() in model.FACTOR_RDDS
+        }
+
+    before = factor_rdds()
+    with model.releasing_factors(spark):
+        model.fit(ratings, AlsParams(rank=2, reg=0.1, alpha=1.0, iterations=2, seed=1))
+        inside = factor_rdds() - before
+
+    assert len(inside) == 2  # the user and the item factors
+    assert factor_rdds() == before
 
 
 def test_ids_beyond_32_bits_come_back_unchanged(first_night: dict[str, Any]) -> None:
