@@ -11,7 +11,8 @@ because the nightly job must rank only the items that have a live listing
 tonight, and the evaluation must skip items a user already had in training:
 both are per-user masks the built-in method cannot apply. The chosen item
 factors are broadcast (100,000 items of rank 16 are about 6 MB) and each
-partition of users is scored with one matrix product per block of users.
+partition of users is scored with one matrix product per block of users,
+read and answered as Arrow batches.
 
 Limitations: the item factors are collected on the driver to be broadcast,
 so the number of candidate items is bounded by driver memory (tens of
@@ -130,6 +131,10 @@ def top_k(users: DataFrame, items: DataFrame, k: int, exclude: str | None = None
     ``item_idx`` and ``features``. Returns ``user_idx``, ``item_idx``,
     ``score`` and ``position`` (1 = best); ties go to the lower item id.
     Scores that are not finite are never returned.
+
+    Users reach the Python workers as Arrow batches and the answers leave the
+    same way, column by column: no Python object is made per user or per
+    answer.
     """
     spark = users.sparkSession
     rows = items.select("item_idx", "features").orderBy("item_idx").collect()
@@ -140,51 +145,89 @@ def top_k(users: DataFrame, items: DataFrame, k: int, exclude: str | None = None
     shared = spark.sparkContext.broadcast((item_ids, factors))
 
     columns = ["user_idx", "features"] + ([exclude] if exclude else [])
-    scored = users.select(*columns).rdd.mapPartitions(
-        partial(_score_partition, shared, k, exclude is not None)
-    )
-    # The rows are built by _score_block with exactly these types.
-    return spark.createDataFrame(scored, SCORE_SCHEMA, verifySchema=False)
+    return users.select(*columns).mapInArrow(partial(_score_batches, shared, k), SCORE_SCHEMA)
 
 
-def _score_partition(
-    shared: Any, k: int, has_exclusions: bool, rows: Iterable[Any]
-) -> Iterator[tuple[int, int, float, int]]:
+def _score_batches(shared: Any, k: int, batches: Iterable[Any]) -> Iterator[Any]:
+    """Arrow batches of users in, Arrow batches of ``SCORE_SCHEMA`` rows out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     item_ids, factors = shared.value
-    block: list[Any] = []
-    for row in rows:
-        block.append(row)
-        if len(block) == USERS_PER_BLOCK:
-            yield from _score_block(block, item_ids, factors, k, has_exclusions)
-            block = []
-    if block:
-        yield from _score_block(block, item_ids, factors, k, has_exclusions)
+    for batch in batches:
+        for start in range(0, batch.num_rows, USERS_PER_BLOCK):
+            block = batch.slice(start, USERS_PER_BLOCK)
+            features = block.column(1)
+            user_factors = (
+                pc.list_flatten(features)
+                .to_numpy(zero_copy_only=False)
+                .astype(np.float64)
+                .reshape(block.num_rows, -1)
+            )
+            exclusions = None
+            if block.num_columns > 2:
+                excluded = block.column(2)
+                exclusions = (
+                    pc.list_value_length(excluded).fill_null(0).to_numpy(zero_copy_only=False),
+                    pc.list_flatten(excluded).to_numpy(zero_copy_only=False).astype(np.int64),
+                )
+            user_ids, best_items, scores, positions = _score_block(
+                block.column(0).to_numpy(zero_copy_only=False),
+                user_factors,
+                exclusions,
+                item_ids,
+                factors,
+                k,
+            )
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array(user_ids, pa.int32()),
+                    pa.array(best_items, pa.int32()),
+                    pa.array(scores, pa.float64()),
+                    pa.array(positions, pa.int32()),
+                ],
+                names=SCORE_SCHEMA.names,
+            )
 
 
 def _score_block(
-    block: list[Any], item_ids: np.ndarray, factors: np.ndarray, k: int, has_exclusions: bool
-) -> Iterator[tuple[int, int, float, int]]:
-    user_factors = np.array([row[1] for row in block], dtype=np.float64)
+    user_ids: np.ndarray,
+    user_factors: np.ndarray,
+    exclusions: tuple[np.ndarray, np.ndarray] | None,
+    item_ids: np.ndarray,
+    factors: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's best ``k`` items: user ids, item ids, scores and positions, as columns.
+
+    ``exclusions`` is (how many item ids each user excludes, those ids one
+    user after another). Rows come user by user, best first; equal scores go
+    to the lower item id, so reruns agree.
+    """
     scores = user_factors @ factors.T
     scores[~np.isfinite(scores)] = -np.inf
-    if has_exclusions:
-        for line, row in enumerate(block):
-            excluded = np.asarray(row[2] or [], dtype=np.int64)
-            columns = np.searchsorted(item_ids, excluded)
-            inside = columns < len(item_ids)
-            columns, excluded = columns[inside], excluded[inside]
-            scores[line, columns[item_ids[columns] == excluded]] = -np.inf
+    if exclusions is not None:
+        lengths, excluded = exclusions
+        lines = np.repeat(np.arange(len(user_ids)), lengths)
+        columns = np.searchsorted(item_ids, excluded)
+        inside = columns < len(item_ids)
+        lines, columns, excluded = lines[inside], columns[inside], excluded[inside]
+        found = item_ids[columns] == excluded
+        scores[lines[found], columns[found]] = -np.inf
 
     count = min(k, len(item_ids))
     best = np.argpartition(-scores, count - 1, axis=1)[:, :count]
-    for line, row in enumerate(block):
-        columns = best[line]
-        # Highest score first; equal scores in item id order, so reruns agree.
-        ordered = columns[np.lexsort((item_ids[columns], -scores[line, columns]))]
-        position = 0
-        for column in ordered:
-            score = scores[line, column]
-            if score == -np.inf:
-                continue
-            position += 1
-            yield int(row[0]), int(item_ids[column]), float(score), position
+    best_scores = np.take_along_axis(scores, best, axis=1)
+    best_items = item_ids[best]
+    # Highest score first; equal scores in item id order.
+    order = np.lexsort((best_items, -best_scores), axis=1)
+    best_items = np.take_along_axis(best_items, order, axis=1)
+    best_scores = np.take_along_axis(best_scores, order, axis=1)
+    kept = best_scores != -np.inf  # excluded and non-finite scores sort last
+    positions = np.cumsum(kept, axis=1)
+    return (
+        np.repeat(user_ids, count).reshape(-1, count)[kept],
+        best_items[kept],
+        best_scores[kept],
+        positions[kept],
+    )

@@ -16,8 +16,8 @@ replaces a function's code only when it changed. A second run rebuilds nothing w
 inputs did not change and downloads nothing already there.
 
 Limitations: the wheels are for x86_64 only, which is what the template's functions run
-on. The Spark jobs' own dependencies (numpy, boto3, a Python 3.11) are not bundled: they
-come with the Spark image (docs/deploy.md).
+on. The Spark jobs' own dependencies (numpy, pyarrow, pandas, boto3, a Python 3.11) are
+not bundled: they come with the Spark image (docs/deploy.md).
 """
 
 from __future__ import annotations

@@ -93,6 +93,10 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
     if home:
         os.environ["JAVA_HOME"] = home
 
+    # Workers must run this interpreter (with numpy, pyarrow and boto3), not the first
+    # python3 on PATH: a session started from Python takes the workers' interpreter from
+    # PYSPARK_PYTHON alone (spark.pyspark.python is read by spark-submit, not here).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     # Python workers import the jobs' modules: let them find the checkout from any folder.
     project = str(Path(__file__).resolve().parent.parent)
     paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
@@ -116,7 +120,6 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
         # Broadcast joins otherwise hold pages of tens of MB each and a second job in the
         # same session runs out of heap.
         "spark.buffer.pageSize": "1m",
-        # Workers run this interpreter (with numpy and boto3), not the first python3 on PATH.
         "spark.pyspark.python": sys.executable,
         "spark.driver.extraJavaOptions": f"-Dlog4j.configurationFile={LOG_CONFIG}",
         "spark.sql.streaming.forceDeleteTempCheckpointLocation": "true",

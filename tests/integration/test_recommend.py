@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import urllib.request
 from collections import Counter
 from datetime import timedelta
@@ -344,6 +345,17 @@ def test_an_als_list_skips_won_items_and_gives_own_listings_way(spark: Any) -> N
         ("d", 2, ranking.TIER_ALS, 2.0),
         ("e", 3, ranking.TIER_ALS, 1.0),
     ]
+
+
+def test_python_workers_run_the_interpreter_that_has_the_dependencies(spark: Any) -> None:
+    def interpreter(rows: Any) -> Any:
+        import sys
+
+        yield sys.executable
+
+    workers = spark.sparkContext.parallelize([1, 2], 2).mapPartitions(interpreter).collect()
+
+    assert workers == [sys.executable, sys.executable]
 
 
 def test_the_factors_of_models_fitted_in_a_night_are_released(spark: Any) -> None:

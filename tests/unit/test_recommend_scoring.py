@@ -15,7 +15,25 @@ FACTORS = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
 
 
 def score(rows: list[tuple], k: int, exclusions: bool = False) -> list[tuple]:
-    return list(model._score_block(rows, ITEMS, FACTORS, k, exclusions))
+    """``(user, factors[, excluded items])`` rows scored as one block, answers as tuples."""
+    excluded = None
+    if exclusions:
+        excluded = (
+            np.array([len(row[2]) for row in rows]),
+            np.array([item for row in rows for item in row[2]], dtype=np.int64),
+        )
+    columns = model._score_block(
+        np.array([row[0] for row in rows]),
+        np.array([row[1] for row in rows], dtype=np.float64),
+        excluded,
+        ITEMS,
+        FACTORS,
+        k,
+    )
+    return [
+        (int(user), int(item), float(value), int(position))
+        for user, item, value, position in zip(*columns, strict=True)
+    ]
 
 
 def test_best_items_come_first_with_positions_from_one() -> None:
@@ -30,6 +48,21 @@ def test_excluded_items_are_never_returned_even_when_k_asks_for_more() -> None:
     rows = score([(1, [2.0, 1.0], [8, 3, 99])], k=4, exclusions=True)
 
     assert [(row[1], row[3]) for row in rows] == [(13, 1), (5, 2)]
+
+
+def test_each_user_of_a_block_excludes_only_their_own_items() -> None:
+    rows = score(
+        [(1, [2.0, 1.0], [8]), (2, [2.0, 1.0], []), (3, [2.0, 1.0], [3, 13])], k=2, exclusions=True
+    )
+
+    assert [(row[0], row[1], row[3]) for row in rows] == [
+        (1, 3, 1),
+        (1, 13, 2),
+        (2, 8, 1),
+        (2, 3, 2),
+        (3, 8, 1),
+        (3, 5, 2),
+    ]
 
 
 def test_scores_that_are_not_numbers_are_dropped() -> None:
