@@ -5,13 +5,16 @@ through the real capture (pgoutput decoding, contract encoding, aggregation,
 PutRecords to moto's server over HTTP) in a child process whose peak RSS and
 CPU time are read at the end. The reference, in the same run, is a raw read of
 the same slot: ``pg_logical_slot_peek_binary_changes`` fetched to the client,
-with no decoding or sending.
+with no decoding or sending. A second reference reads the slot the way the
+capture does, through the replication protocol, again with no decoding or
+sending.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import select
 import subprocess
 import sys
 import time
@@ -19,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from psycopg2.extras import LogicalReplicationConnection
 
+from encore import events
 from encore.settings import Settings
 
 
@@ -65,6 +70,50 @@ def raw_slot_read(settings: Settings) -> tuple[int, float]:
             rows += 1
     elapsed = time.perf_counter() - started
     conn.close()
+    return rows, elapsed
+
+
+def raw_stream_read(settings: Settings) -> tuple[int, float]:
+    """Messages and seconds to stream the slot up to the current WAL position through the
+    replication protocol, nothing decoded and nothing confirmed."""
+    conn = psycopg2.connect(settings.require_dsn())
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        target = events.parse_lsn(cursor.fetchone()[0])
+    conn.close()
+    started = time.perf_counter()
+    replication = psycopg2.connect(
+        settings.require_dsn(), connection_factory=LogicalReplicationConnection
+    )
+    stream = replication.cursor()
+    stream.start_replication(
+        slot_name=settings.slot_name,
+        decode=False,
+        options={"proto_version": "1", "publication_names": settings.publication_name},
+    )
+    rows = 0
+    inside_transaction = False
+    asked_at = 0.0
+    while True:
+        message = stream.read_message()
+        if message is not None:
+            rows += 1
+            kind = message.payload[:1]
+            if kind == b"B":
+                inside_transaction = True
+            elif kind == b"C":
+                inside_transaction = False
+            continue
+        # Between transactions, a position at or past the target means everything
+        # committed before it has arrived; a keepalive, asked for, carries the position.
+        if not inside_transaction and stream.wal_end >= target:
+            break
+        if time.monotonic() - asked_at >= 0.02:
+            stream.send_feedback(reply=True)
+            asked_at = time.monotonic()
+        select.select([stream], [], [], 0.02)
+    elapsed = time.perf_counter() - started
+    replication.close()
     return rows, elapsed
 
 
@@ -134,12 +183,16 @@ def drain_in_child(settings: Settings) -> dict[str, Any]:
 def measure(settings: Settings, changes: int) -> dict[str, Any]:
     insert_backlog(settings, changes)
     raw_rows, raw_s = raw_slot_read(settings)
+    stream_rows, stream_s = raw_stream_read(settings)
     drained = drain_in_child(settings)
     return {
         "changes": changes,
         "raw_rows": raw_rows,
         "raw_s": raw_s,
         "raw_events_per_s": raw_rows / raw_s,
+        "raw_stream_rows": stream_rows,
+        "raw_stream_s": stream_s,
+        "raw_stream_events_per_s": stream_rows / stream_s,
         "events": drained["events"],
         "capture_s": drained["seconds"],
         "events_per_s": drained["events"] / drained["seconds"],

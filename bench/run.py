@@ -258,6 +258,7 @@ def _measure_capture(args: argparse.Namespace, base: Settings, figures: dict[str
         {
             "capture.events_per_s": ("events_per_s", "events/s"),
             "capture.raw_slot_events_per_s": ("raw_events_per_s", "events/s"),
+            "capture.raw_stream_events_per_s": ("raw_stream_events_per_s", "events/s"),
         },
     )
     backlog = capture_bench.measure(_fresh(base), args.backlog)

@@ -40,7 +40,6 @@ class Settings:
     # Change capture.
     slot_name: str = "encore_capture"
     publication_name: str = "encore_capture"
-    capture_max_changes: int = 20_000
     capture_max_bytes: int = 64 * 1024 * 1024
     capture_time_margin_s: float = 10.0
     capture_linger_s: float = 0.0
@@ -170,7 +169,6 @@ HELP: dict[str, str] = {
     "database_secret_id": "Secrets Manager secret (RDS JSON shape) to build the DSN from, on AWS",
     "slot_name": "logical replication slot the capture reads",
     "publication_name": "publication naming the captured tables",
-    "capture_max_changes": "most changes one slot read returns",
     "capture_max_bytes": "most event bytes one capture run sends",
     "capture_linger_s": "keep reading the slot this long after it is drained (AWS: 45)",
     "capture_poll_s": "pause between reads of a drained slot while lingering",

@@ -1,54 +1,70 @@
 """Read bid and listing changes from a logical replication slot and put them to Kinesis.
 
-One run (one Lambda invocation):
+One run (one Lambda invocation, or one poll of a lingering one):
 
-1. takes a session advisory lock named after the slot, so two invocations never
-   read the slot at once (the second returns at once with ``locked``);
+1. takes a session advisory lock named after the slot on the normal
+   connection, so two invocations never read the slot at once (the second
+   returns at once with ``locked``);
 2. checks every captured table has a primary key and a replica identity that
    keeps old rows, refusing to start otherwise;
-3. repeatedly peeks at most ``capture_max_changes`` changes up to the current
-   WAL position, turns each row change into a contract event
-   (``encore.events``) and hands it to the Kinesis sink;
-4. after the sink has flushed and Kinesis accepted every record, advances
-   the slot to the end of the last transaction sent. Nothing is confirmed
-   before that, so a crash between put and confirm replays the same
+3. takes the current WAL position as its target and streams the slot over a
+   replication connection (``START_REPLICATION`` with ``pgoutput``), turning
+   each row change into a contract event (``encore.events``) for the Kinesis
+   sink as it arrives, until every transaction committed before the target
+   has been received;
+4. after the sink has flushed and Kinesis accepted every record, confirms the
+   end of the last transaction received (feedback with a flush position) and
+   waits until the slot shows it; once the connection is closed, has the
+   position written at the next checkpoint. Nothing is confirmed before the
+   sink has flushed, so a crash between put and confirm replays the same
    transactions, with the same event ids, next time.
 
-A run stops at a transaction boundary when its byte budget is spent or the
-Lambda's remaining time falls under a margin, so memory stays bounded and a
-large backlog drains over several runs. When no captured table changed, the
-slot is still advanced to the position it read up to, so WAL held for the
-slot stays bounded while other tables are busy. Slot lag is logged each run.
+Postgres decodes while the run builds and sends events; what the run has not
+read yet waits in the socket, and the server stops decoding while the socket
+is full, so memory stays bounded however large the backlog. A run stops at a
+transaction boundary when its byte budget is spent or the Lambda's remaining
+time falls under a margin, and a large backlog drains over several runs. When
+no captured table changed, the server's keepalives tell how far it has
+decoded; once that passes the target with no transaction half received, that
+position is confirmed, so WAL held for the slot stays bounded while other
+tables are busy. Slot lag is logged each run.
 
-Peeking (``pg_logical_slot_peek_binary_changes``) and advancing
-(``pg_replication_slot_advance``) are plain SQL, available to the
-``rds_replication`` role on RDS and Aurora. The peek is read through
-``COPY ... TO STDOUT (FORMAT binary)``: rows stream in as the server sends
-them, with no round trip per fetch and no hex text for the message bytes.
-While a batch streams, the connection runs nothing else, so category titles
-are read before each batch.
+A replication connection needs the ``REPLICATION`` attribute, which the
+``rds_replication`` role gives on RDS and Aurora, and takes one of the
+server's ``max_wal_senders`` while a run reads.
 
 Limitations
 -----------
-Postgres decodes a slot's WAL from its ``restart_lsn`` for every peek and
-every advance, and ``restart_lsn`` only moves past a running-transactions
-record, which Postgres writes every 15 seconds while the database is busy.
-A backlog written faster than that is decoded again by each batch, so its
-cost on the server grows with the square of its size; a larger
-``capture_max_changes`` means fewer batches. Decoding, encoding and framing
-run in Python in one process: about 8 microseconds of CPU per change on
-the project's 2-core machines.
+Each run is a new replication session, and Postgres starts a session by
+decoding the slot's WAL from its ``restart_lsn``, skipping what was already
+confirmed; after the session, advancing the slot to have its position
+written reads that WAL once more, without decoding it. ``restart_lsn`` only
+moves past a running-transactions record, which Postgres writes every 15
+seconds while the database is busy, so a backlog written faster than that is
+decoded again, in part, by each run that drains a share of it: draining a
+million changes in four runs waited about 1.3 s for it on the project's
+2-core machines. A larger ``capture_max_bytes`` means fewer runs. A run that
+finds nothing still opens a session: 10 to 30 ms locally. psycopg2 cannot
+end a replication stream, only close its connection, and the WAL sender
+releases the slot when it notices: the run waits for that, up to
+``SLOT_WAIT_S``. Decoding, encoding and framing run in Python in one process,
+whose Kinesis sender thread shares the interpreter lock: about 9.5
+microseconds of CPU per change on the project's 2-core machines.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import struct
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import psycopg2
+from psycopg2.extensions import make_dsn
+from psycopg2.extras import LogicalReplicationConnection
 
 from encore import events
 from lambdas.capture.kinesis_sink import KinesisSink, SinkStats
@@ -113,9 +129,17 @@ _LISTING_SOURCES = {
         "sub_category",
     )
 )
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\0"
-_INT16 = struct.Struct("!h")
-_INT32 = struct.Struct("!i")
+#: How often a run that has no message to read asks the server how far it has decoded.
+ASK_EVERY_S = 0.005
+#: A server that keeps answering from one position this long has decoded all the WAL
+#: flushed so far.
+CAUGHT_UP_S = 1.0
+#: A replication connection that hears nothing this long is taken as lost. A busy
+#: server sends a keepalive at least every half ``wal_sender_timeout`` (60 s by default).
+SILENCE_S = 90.0
+#: Longest wait for the previous reader's WAL sender to release the slot, and for a
+#: confirmed position to show in ``pg_replication_slots``.
+SLOT_WAIT_S = 5.0
 
 
 class CaptureError(RuntimeError):
@@ -150,7 +174,6 @@ class CaptureResult:
 
 @dataclass(frozen=True)
 class CaptureLimits:
-    max_changes: int = 20_000
     max_bytes: int = 64 * 1024 * 1024
     time_margin_s: float = 10.0
 
@@ -252,88 +275,70 @@ class _RowPlan:
 
 
 class _CategoryTitles:
-    """Category and sub-category titles by sub-category id, as of the last ``read``.
+    """Category and sub-category titles by sub-category id, read when first named in a run.
 
-    Read before each batch, not on a miss: the connection is streaming the
-    batch while its events are built. A batch reaches only up to the WAL
-    position taken before the read, so every sub-category its listings name
-    was committed by then and is found.
+    The normal connection is idle while the replication connection streams, so
+    a miss is one query; titles are read again in each run.
     """
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.by_sub_category: dict[str, tuple[str, str, str]] = {}
 
-    def read(self) -> None:
-        with self.conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT s.id::text, s.title, c.id::text, c.title FROM sub_categories s"
-                " JOIN categories c ON c.id = s.category_id"
-            )
-            self.by_sub_category = {row[0]: row[1:] for row in cursor.fetchall()}
+    def clear(self) -> None:
+        self.by_sub_category.clear()
 
     def lookup(self, sub_category_id: str) -> tuple[str, str, str]:
-        return self.by_sub_category.get(sub_category_id, ("", "", ""))
+        titles = self.by_sub_category.get(sub_category_id)
+        if titles is None:
+            with self.conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT s.title, c.id::text, c.title FROM sub_categories s"
+                    " JOIN categories c ON c.id = s.category_id WHERE s.id = %s::bigint",
+                    (sub_category_id,),
+                )
+                row = cursor.fetchone()
+            titles = self.by_sub_category[sub_category_id] = row or ("", "", "")
+        return titles
 
 
 @dataclass
-class _Batch:
-    """What one peeked batch has done so far."""
+class _Reading:
+    """Where one run's read of the stream stands."""
 
-    spent_bytes: int
+    #: The WAL position taken at the start of the run: every transaction committed
+    #: before it is read, and then the run stops.
+    target: int
     decode: Callable[[bytes], Message] = field(default_factory=lambda: Decoder().decode)
+    #: The transaction being received, from its Begin to its Commit.
     transaction: _Transaction | None = None
-    rows: int = 0
     bytes: int = 0
-    last_end: int | None = None
+    #: Where the slot may be confirmed once the sink has flushed: the end of the last
+    #: transaction received, or a position the server has decoded past with nothing
+    #: to send.
+    confirm: int | None = None
     stopped: str | None = None
+    asked_at: float | None = None
+    heard_at: float = field(default_factory=time.monotonic)
+    #: The position the server last answered with, and since when.
+    answer: int | None = None
+    answer_since: float = 0.0
 
-
-class _CopyRows:
-    """The file ``COPY ... TO STDOUT (FORMAT binary)`` writes to: one ``write`` per row.
-
-    Each row of ``(lsn::text, data)`` goes to ``on_row`` as ``(lsn, data)``.
-    The layout is the binary COPY format of the Postgres documentation: a
-    header before the first row, then per row a field count and each field
-    as a length and its bytes; a field count of -1 ends the stream.
-
-    An error is kept in ``failure`` rather than raised: the rest of the stream
-    is then read and dropped, so the connection stays usable, and the caller
-    raises the error once the COPY is over.
-    """
-
-    def __init__(self, on_row: Callable[[str, bytes], None]) -> None:
-        self.on_row = on_row
-        self.header = True
-        self.failure: Exception | None = None
-
-    def write(self, chunk: bytes) -> None:
-        if self.failure is None:
-            try:
-                self._row(chunk)
-            except Exception as exc:
-                self.failure = exc
-
-    def _row(self, chunk: bytes) -> None:
-        offset = 0
-        if self.header:
-            if not chunk.startswith(_COPY_SIGNATURE):
-                raise CaptureError(f"COPY stream starts with {bytes(chunk[:11])!r}, not a header")
-            (extension,) = _INT32.unpack_from(chunk, len(_COPY_SIGNATURE) + 4)
-            offset = len(_COPY_SIGNATURE) + 8 + extension
-            self.header = False
-        (fields,) = _INT16.unpack_from(chunk, offset)
-        if fields == -1:
-            return
-        if fields != 2:
-            raise CaptureError(f"COPY row has {fields} fields, expected lsn and data")
-        (lsn_length,) = _INT32.unpack_from(chunk, offset + 2)
-        start = offset + 6
-        lsn = chunk[start : start + lsn_length].decode()
-        self.on_row(lsn, chunk[start + lsn_length + 4 :])
+    def stop(self, status: str, confirm: int | None) -> None:
+        self.stopped = status
+        if confirm is not None and (self.confirm is None or confirm > self.confirm):
+            self.confirm = confirm
 
 
 class Capture:
+    """Runs of the capture on one slot.
+
+    ``conn`` is a normal connection; each run opens a replication connection
+    to the same server as the same role (psycopg2 hides the password in
+    ``conn.dsn``, so it is taken from ``conn.info``) and closes it before it
+    returns.
+    """
+
     def __init__(
         self,
         conn: Any,
@@ -350,6 +355,7 @@ class Capture:
         self.categories = _CategoryTitles(conn)
         self.keys: dict[str, list[str]] = {}
         self._plans: dict[int, _RowPlan] = {}
+        self._stream: Any = None
 
     def run(self, remaining_s: Callable[[], float] = lambda: float("inf")) -> CaptureResult:
         result = CaptureResult(sink=self.sink.stats)
@@ -364,6 +370,7 @@ class Capture:
         try:
             self.keys = primary_keys(self.conn, self.publication)
             self._plans.clear()
+            self.categories.clear()
             self.sink.refresh_shards()
             self._drain(result, remaining_s)
         finally:
@@ -382,86 +389,173 @@ class Capture:
         return result
 
     def _drain(self, result: CaptureResult, remaining_s: Callable[[], float]) -> None:
-        spent_bytes = 0
-        while True:
-            if remaining_s() < self.limits.time_margin_s:
-                result.status = "time"
-                return
-            upto, rows, last_end, stopped, batch_bytes = self._read_batch(
-                result, remaining_s, spent_bytes
-            )
-            spent_bytes += batch_bytes
-            self.sink.flush()
-            drained = rows < self.limits.max_changes and not stopped
-            confirm_to = upto if drained else last_end
-            if confirm_to is not None:
-                self._advance(confirm_to)
-                result.confirmed_lsn = events.format_lsn(confirm_to)
-            if drained:
-                return
-            if stopped:
-                result.status = stopped
-                return
-
-    def _read_batch(
-        self, result: CaptureResult, remaining_s: Callable[[], float], spent_bytes: int
-    ) -> tuple[int, int, int | None, str | None, int]:
-        """Peek one batch and queue its events. Returns (upto, rows, last commit end, stop)."""
+        """Stream the slot up to the WAL position of now, send, then confirm."""
+        if remaining_s() < self.limits.time_margin_s:
+            result.status = "time"
+            return
         with self.conn.cursor() as cursor:
             cursor.execute("SELECT pg_current_wal_lsn()::text")
-            upto = events.parse_lsn(cursor.fetchone()[0])
-            self.categories.read()
-            batch = _Batch(spent_bytes)
-            # COPY streams the rows as the server sends them, in binary: no round
-            # trip per fetch and no hex text for the bytea column to undo.
-            peek = cursor.mogrify(
-                "COPY (SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
-                "%s, %s::pg_lsn, %s, 'proto_version', '1', 'publication_names', %s))"
-                " TO STDOUT (FORMAT binary)",
-                (
-                    self.slot_name,
-                    events.format_lsn(upto),
-                    self.limits.max_changes,
-                    self.publication,
-                ),
+            target = events.parse_lsn(cursor.fetchone()[0])
+        self._stream = self._start_stream()
+        advanced = False
+        try:
+            reading = self._read(self._stream, target, result, remaining_s)
+            self.sink.flush()
+            if reading.confirm is not None:
+                advanced = self._advance(reading.confirm)
+        finally:
+            self._stream.connection.close()
+            self._stream = None
+        if reading.confirm is not None:
+            if advanced:
+                self._keep(reading.confirm)
+            result.confirmed_lsn = events.format_lsn(reading.confirm)
+        result.status = reading.stopped or result.status
+
+    def _start_stream(self) -> Any:
+        """A replication cursor streaming the slot's pgoutput messages from its confirmed
+        position."""
+        self._wait_for_slot()
+        dsn = self.conn.dsn
+        if self.conn.info.password:
+            dsn = make_dsn(dsn, password=self.conn.info.password)
+        try:
+            replication = psycopg2.connect(dsn, connection_factory=LogicalReplicationConnection)
+        except psycopg2.OperationalError as exc:
+            raise CaptureError(
+                f"cannot open a replication connection for slot {self.slot_name!r} (the role "
+                f"needs REPLICATION: rds_replication on RDS and Aurora): {str(exc).strip()}"
+            ) from exc
+        try:
+            stream = replication.cursor()
+            stream.start_replication(
+                slot_name=self.slot_name,
+                decode=False,
+                options={"proto_version": "1", "publication_names": self.publication},
             )
-            rows = _CopyRows(
-                lambda change_lsn, data: self._take(batch, change_lsn, data, result, remaining_s)
-            )
-            cursor.copy_expert(peek.decode(), rows)
-        if rows.failure is not None:
-            raise rows.failure
-        return upto, batch.rows, batch.last_end, batch.stopped, batch.bytes
+        except BaseException:
+            replication.close()
+            raise
+        return stream
+
+    def _wait_for_slot(self) -> None:
+        """Wait until no WAL sender holds the slot.
+
+        A closed replication connection's WAL sender releases the slot when it
+        exits, a moment later, so the run after it may find the slot still held.
+        """
+        deadline = time.monotonic() + SLOT_WAIT_S
+        pause = 0.001
+        while True:
+            with self.conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.slot_name,),
+                )
+                row = cursor.fetchone()
+            if row is None:
+                raise CaptureError(f"replication slot {self.slot_name!r} does not exist")
+            if row[0] is None:
+                return
+            if time.monotonic() > deadline:
+                raise CaptureError(
+                    f"replication slot {self.slot_name!r} is still held by process {row[0]}; "
+                    f"if no other client reads the slot, end that process with "
+                    f"SELECT pg_terminate_backend({row[0]})"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _read(
+        self, stream: Any, target: int, result: CaptureResult, remaining_s: Callable[[], float]
+    ) -> _Reading:
+        """Read and queue messages until the run has read up to ``target`` or must stop."""
+        reading = _Reading(target)
+        read_message = stream.read_message
+        take = self._take
+        heard = False
+        while reading.stopped is None:
+            message = read_message()
+            if message is not None:
+                heard = True
+                take(reading, message, result, remaining_s)
+            else:
+                self._await_server(stream, reading, remaining_s, heard)
+                heard = False
+        return reading
 
     def _take(
         self,
-        batch: _Batch,
-        change_lsn: str,
-        data: bytes,
+        reading: _Reading,
+        message: Any,
         result: CaptureResult,
         remaining_s: Callable[[], float],
     ) -> None:
-        """Act on one message of the batch: queue a change, note a commit."""
-        batch.rows += 1
-        if batch.stopped:
-            return  # the rest of the stream is read and dropped
-        message = batch.decode(data)
-        if type(message) is Change:
-            if batch.transaction is None:
+        """Act on one message of the stream: queue a change, note a commit."""
+        decoded = reading.decode(message.payload)
+        if type(decoded) is Change:
+            change_lsn = events.format_lsn(message.data_start)
+            if reading.transaction is None:
                 raise CaptureError(f"change at {change_lsn} outside a transaction")
-            batch.bytes += self._send(message, batch.transaction, change_lsn, result)
-        elif isinstance(message, Begin):
-            batch.transaction = _Transaction.starting(message)
-        elif isinstance(message, Commit):
+            reading.bytes += self._send(decoded, reading.transaction, change_lsn, result)
+        elif isinstance(decoded, Begin):
+            reading.transaction = _Transaction.starting(decoded)
+        elif isinstance(decoded, Commit):
             result.transactions += 1
-            batch.last_end = message.end_lsn
-            if batch.spent_bytes + batch.bytes >= self.limits.max_bytes:
-                batch.stopped = "bytes"
+            reading.transaction = None
+            reading.confirm = decoded.end_lsn
+            if decoded.end_lsn >= reading.target:
+                reading.stop("drained", decoded.end_lsn)
+            elif reading.bytes >= self.limits.max_bytes:
+                reading.stop("bytes", decoded.end_lsn)
             elif remaining_s() < self.limits.time_margin_s:
-                batch.stopped = "time"
-        elif isinstance(message, Relation):
+                reading.stop("time", decoded.end_lsn)
+        elif isinstance(decoded, Relation):
             # A new Relation message means the table's columns may have changed.
-            self._plans.pop(message.oid, None)
+            self._plans.pop(decoded.oid, None)
+
+    def _await_server(
+        self, stream: Any, reading: _Reading, remaining_s: Callable[[], float], heard: bool
+    ) -> None:
+        """No message is waiting: end the read if the server is past the target, else wait.
+
+        Keepalives carry the position the server has decoded up to, which moves
+        on through WAL that produces no message (other tables, transactions that
+        rolled back). Between transactions, every transaction that committed
+        before that position has been received, so the position may be confirmed.
+        The server sends a keepalive when asked (a feedback message requesting a
+        reply), so the run asks every ``ASK_EVERY_S`` while it waits. ``heard`` says
+        whether messages came since the last wait.
+        """
+        now = time.monotonic()
+        position = stream.wal_end
+        answered = heard or stream.io_timestamp > stream.feedback_timestamp
+        if answered:
+            reading.heard_at = now
+            if position != reading.answer:
+                reading.answer, reading.answer_since = position, now
+        if reading.transaction is None:
+            if position >= reading.target:
+                reading.stop("drained", position)
+                return
+            if answered and now - reading.answer_since >= CAUGHT_UP_S:
+                # The server has decoded all the WAL flushed so far, and the target lies
+                # past the last complete record: WAL written and not yet flushed, or a
+                # record still being inserted.
+                reading.stop("drained", position)
+                return
+        if remaining_s() < self.limits.time_margin_s:
+            reading.stop("time", None)
+            return
+        if now - reading.heard_at > SILENCE_S:
+            raise CaptureError(
+                f"the replication connection for slot {self.slot_name!r} heard nothing from "
+                f"the server for {SILENCE_S:.0f} s"
+            )
+        if reading.asked_at is None or now - reading.asked_at >= ASK_EVERY_S:
+            stream.send_feedback(reply=True)
+            reading.asked_at = now
+        select.select([stream], [], [], ASK_EVERY_S)
 
     def _send(
         self, change: Change, transaction: _Transaction, change_lsn: str, result: CaptureResult
@@ -560,22 +654,78 @@ class Capture:
                 merged[position] = old
         return merged
 
-    def _advance(self, lsn: int) -> None:
+    def _advance(self, lsn: int) -> bool:
+        """Confirm the slot up to ``lsn`` and wait until the server shows it; False if
+        the slot was there already.
+
+        Feedback is asynchronous: the WAL sender applies it when it next reads
+        from the connection. Asking for a reply sends it at once, and the run
+        waits until ``pg_replication_slots`` shows the position, so the next run
+        (and the lag this run reports) starts from it.
+        """
+        confirmed = self._confirmed_flush()
+        if confirmed is not None and confirmed >= lsn:
+            return False
+        # Confirmed once, at the end of the run: psycopg2 moves the flush position on to
+        # a keepalive's position whenever the last message received lies at or before
+        # the last one confirmed, and with transactions interleaved in the WAL, a Begin
+        # can lie before a commit that was received and not yet sent.
+        self._stream.send_feedback(flush_lsn=lsn, reply=True)
+        deadline = time.monotonic() + SLOT_WAIT_S
+        pause = 0.001
+        while confirmed is None or confirmed < lsn:
+            if time.monotonic() > deadline:
+                shown = "nothing" if confirmed is None else events.format_lsn(confirmed)
+                raise CaptureError(
+                    f"slot {self.slot_name!r} was confirmed up to {events.format_lsn(lsn)} but "
+                    f"shows {shown} after {SLOT_WAIT_S:.0f} s; the next run sends the "
+                    "changes after that again"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            confirmed = self._confirmed_flush()
+        logger.debug("slot %s confirmed up to %s", self.slot_name, events.format_lsn(lsn))
+        return True
+
+    def _keep(self, lsn: int) -> None:
+        """Have the slot's confirmed position written at the next checkpoint.
+
+        Postgres writes a position confirmed over a replication connection to disk
+        only when the slot's ``restart_lsn`` moves with it: streaming clients are
+        expected to remember where they were. A run has nowhere to remember it, so
+        once the WAL sender has released the slot it advances the slot to the same
+        position with ``pg_replication_slot_advance``, which marks the slot to be
+        written; a clean restart then resumes from it. Advancing reads the WAL
+        since ``restart_lsn`` without decoding its changes.
+        """
+        try:
+            self._wait_for_slot()
+        except CaptureError as exc:
+            logger.warning(
+                "slot %s is confirmed up to %s but may not be written before a restart "
+                "of the database: %s",
+                self.slot_name,
+                events.format_lsn(lsn),
+                exc,
+            )
+            return
+        with self.conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_replication_slot_advance(slot_name, GREATEST(confirmed_flush_lsn,"
+                " %s::pg_lsn)) FROM pg_replication_slots WHERE slot_name = %s",
+                (events.format_lsn(lsn), self.slot_name),
+            )
+
+    def _confirmed_flush(self) -> int | None:
         with self.conn.cursor() as cursor:
             cursor.execute(
                 "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
                 (self.slot_name,),
             )
             row = cursor.fetchone()
-            if row is None:
-                raise CaptureError(f"replication slot {self.slot_name!r} does not exist")
-            if row[0] is not None and events.parse_lsn(row[0]) >= lsn:
-                return
-            cursor.execute(
-                "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
-                (self.slot_name, events.format_lsn(lsn)),
-            )
-        logger.debug("slot %s confirmed up to %s", self.slot_name, events.format_lsn(lsn))
+        if row is None:
+            raise CaptureError(f"replication slot {self.slot_name!r} does not exist")
+        return None if row[0] is None else events.parse_lsn(row[0])
 
     def lag_bytes(self) -> int | None:
         with self.conn.cursor() as cursor:

@@ -83,7 +83,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     Lingering, the run polls the slot every ``capture_poll_s`` until
     ``capture_linger_s`` has passed (and never past the Lambda's remaining
     time less ``capture_time_margin_s``), so commits reach Kinesis within
-    about a poll. Each poll is a full capture run: its batch is confirmed
+    about a poll. Each poll is a full capture run: what it sent is confirmed
     before the next begins, and the lock keeps a late schedule from reading
     the slot at the same time.
     """
@@ -136,9 +136,7 @@ def _run_once(settings: Settings, remaining_s: Callable[[], float]) -> CaptureRe
         sink,
         settings.slot_name,
         settings.publication_name,
-        CaptureLimits(
-            settings.capture_max_changes, settings.capture_max_bytes, settings.capture_time_margin_s
-        ),
+        CaptureLimits(settings.capture_max_bytes, settings.capture_time_margin_s),
     )
     try:
         return capture.run(remaining_s)

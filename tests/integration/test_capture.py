@@ -20,7 +20,15 @@ import pytest
 from cli import pipeline
 from encore import events
 from encore.settings import Settings
-from lambdas.capture.capture import Capture, CaptureError, CaptureLimits, lock_key, prepare
+from lambdas.capture.capture import (
+    CAUGHT_UP_S,
+    Capture,
+    CaptureError,
+    CaptureLimits,
+    CaptureResult,
+    lock_key,
+    prepare,
+)
 from lambdas.capture.kinesis_sink import KinesisSink
 from local.services import LocalPostgres
 from producers.schema import migrate
@@ -86,6 +94,18 @@ def landed(settings: Settings) -> list[dict[str, str | None]]:
         body = s3.get_object(Bucket=settings.bucket, Key=item["Key"])["Body"].read()
         found.extend(events.decode(body.decode()))
     return found
+
+
+def wait_until_shutting_down(settings: Settings) -> None:
+    """Return once the server refuses new connections."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            psycopg2.connect(settings.require_dsn()).close()
+        except psycopg2.OperationalError:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server did not begin to shut down")
 
 
 def capture_and_land(settings: Settings) -> dict[str, Any]:
@@ -202,6 +222,71 @@ def test_postgres_restarted_between_runs_loses_nothing(
     ]
 
 
+def test_postgres_restarted_mid_run_replays_what_was_not_confirmed(
+    capture_settings: Settings, postgres: LocalPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = capture_settings
+    insert_listing(settings, 14)
+    for _ in range(3):
+        execute(
+            settings,
+            "INSERT INTO bids (listing_id, bidder_id, amount)"
+            " SELECT 14, 'u1', n FROM generate_series(1, 100) AS n",
+        )
+    restart = threading.Thread(target=postgres.restart)
+    queued = [0]
+    add = KinesisSink.add
+
+    def add_then_restart(self: KinesisSink, *args: Any) -> None:
+        add(self, *args)
+        queued[0] += 1
+        if queued[0] == 150:
+            restart.start()
+            wait_until_shutting_down(settings)
+
+    monkeypatch.setattr(KinesisSink, "add", add_then_restart)
+    with pytest.raises(psycopg2.Error):
+        pipeline.capture_once(settings)
+    # A fast shutdown ends the normal connections at once; the WAL sender waits for the
+    # run, which fails at its next query and closes the replication connection.
+    restart.join()
+    monkeypatch.undo()
+
+    assert capture_and_land(settings)["changes"] == 301
+    assert capture_and_land(settings)["changes"] == 0
+    assert len({e["event_id"] for e in landed(settings)}) == 301
+
+
+def test_a_failed_run_leaves_the_slot_free(
+    capture_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = capture_settings
+    insert_listing(settings, 15)
+
+    def fail(self: KinesisSink) -> None:
+        raise RuntimeError("Kinesis is unreachable")
+
+    monkeypatch.setattr(KinesisSink, "flush", fail)
+    with pytest.raises(RuntimeError, match="unreachable"):
+        pipeline.capture_once(settings)
+
+    conn = psycopg2.connect(settings.require_dsn())
+    conn.autocommit = True
+    deadline = time.monotonic() + 5
+    with conn.cursor() as cursor:
+        while True:
+            cursor.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                (settings.slot_name,),
+            )
+            (active_pid,) = cursor.fetchone()
+            if active_pid is None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    conn.close()
+    assert active_pid is None, "the replication connection outlived the run"
+
+
 def test_a_captured_table_without_a_primary_key_is_refused_by_name(
     capture_settings: Settings,
 ) -> None:
@@ -241,6 +326,39 @@ def test_an_idle_captured_table_beside_a_busy_one_still_advances_the_slot(
     assert summary["changes"] == 0
     assert summary["lag_bytes"] is not None and summary["lag_bytes"] < 1024
     assert landed(settings) == []
+
+
+def test_a_target_past_the_last_record_ends_the_run_once_the_server_has_caught_up(
+    capture_settings: Settings,
+) -> None:
+    import boto3
+
+    settings = capture_settings
+    kwargs = settings.boto3_kwargs()
+    sink = KinesisSink(
+        boto3.client("kinesis", **kwargs),
+        settings.stream_name,
+        boto3.client("s3", **kwargs),
+        settings.bucket,
+    )
+    conn = psycopg2.connect(settings.require_dsn())
+    capture = Capture(conn, sink, settings.slot_name, settings.publication_name)
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        written = events.parse_lsn(cursor.fetchone()[0])
+    # No WAL will reach a gigabyte further: only the server's unchanging answers end the read.
+    stream = capture._start_stream()
+    try:
+        started = time.monotonic()
+        reading = capture._read(stream, written + 2**30, CaptureResult(), lambda: float("inf"))
+        elapsed = time.monotonic() - started
+    finally:
+        stream.connection.close()
+        conn.close()
+
+    assert reading.stopped == "drained"
+    assert reading.confirm is not None and reading.confirm < written + 2**30
+    assert CAUGHT_UP_S <= elapsed < CAUGHT_UP_S + 10
 
 
 def test_a_second_reader_finds_the_slot_locked(capture_settings: Settings) -> None:
@@ -285,7 +403,7 @@ def test_a_backlog_drains_over_several_runs_within_the_limits(capture_settings: 
             sink,
             settings.slot_name,
             settings.publication_name,
-            CaptureLimits(max_changes=150, max_bytes=20_000),
+            CaptureLimits(max_bytes=20_000),
         )
         result = capture.run()
         runs.append((result.status, result.changes))

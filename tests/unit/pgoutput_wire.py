@@ -31,3 +31,13 @@ def tuple_data(*values: object) -> bytes:
             text = value if isinstance(value, bytes) else str(value).encode()
             out += b"t" + struct.pack("!i", len(text)) + text
     return out
+
+
+def begin(final_lsn: int, xid: int = 9) -> bytes:
+    """A Begin message; the commit time is the Postgres epoch."""
+    return b"B" + struct.pack("!qqi", final_lsn, 0, xid)
+
+
+def commit(commit_lsn: int, end_lsn: int) -> bytes:
+    """A Commit message; the commit time is the Postgres epoch."""
+    return b"C" + struct.pack("!bqqq", 0, commit_lsn, end_lsn, 0)

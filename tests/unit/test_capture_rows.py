@@ -1,26 +1,34 @@
-"""From pgoutput messages to contract events, with the slot and Kinesis replaced by stubs."""
+"""From pgoutput messages to contract events, where a run stops and what it confirms, with
+the replication stream, the database and Kinesis replaced by stubs."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pgoutput_wire
 import pytest
 
 from encore import events
+from lambdas.capture import capture as capture_module
 from lambdas.capture.capture import (
     Capture,
     CaptureError,
     CaptureLimits,
     CaptureResult,
-    _CopyRows,
+    _Reading,
 )
 from lambdas.capture.kinesis_sink import SinkStats
 from lambdas.capture.pgoutput import UNCHANGED
 
 BIDS_OID = 16_400
 LISTINGS_OID = 16_500
+NO_TIME_LIMIT = lambda: float("inf")  # noqa: E731
 
 
 def relation(oid: int, table: str, columns: list[str]) -> bytes:
@@ -30,15 +38,34 @@ def relation(oid: int, table: str, columns: list[str]) -> bytes:
 values = pgoutput_wire.tuple_data
 
 
-def transaction(*changes: bytes) -> list[tuple[str, bytes]]:
-    begin = b"B" + struct.pack("!qqi", 0x200, 0, 9)
-    commit = b"C" + struct.pack("!bqqq", 0, 0x200, 0x230, 0)
-    rows = [("0/1F0", relation(BIDS_OID, "bids", BID_COLUMNS))]
-    rows.append(("0/1F0", relation(LISTINGS_OID, "listings", LISTING_COLUMNS)))
-    rows.append(("0/1F8", begin))
-    rows.extend((f"0/{0x1F8 + number:X}", change) for number, change in enumerate(changes, 1))
-    rows.append(("0/230", commit))
-    return rows
+@dataclass(frozen=True)
+class Message:
+    """What ``read_message`` returns for one XLogData message."""
+
+    data_start: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """A keepalive: nothing else is waiting, and the server says it has decoded this far."""
+
+    wal_end: int
+
+
+def transaction(*changes: bytes, final_lsn: int = 0x200, end_lsn: int = 0x230) -> list[Message]:
+    """One transaction as the WAL sender streams it: Begin, the relations, the changes,
+    Commit. The nth change is at ``0x1F8 + n``."""
+    messages = [Message(0x1F8, pgoutput_wire.begin(final_lsn))]
+    messages.append(Message(0, relation(BIDS_OID, "bids", BID_COLUMNS)))
+    messages.append(Message(0, relation(LISTINGS_OID, "listings", LISTING_COLUMNS)))
+    messages.extend(Message(0x1F8 + number, change) for number, change in enumerate(changes, 1))
+    messages.append(Message(end_lsn, pgoutput_wire.commit(final_lsn, end_lsn)))
+    return messages
+
+
+def bid(bid_id: int) -> bytes:
+    return b"I" + struct.pack("!i", BIDS_OID) + b"N" + values(bid_id, 1, "u1", "1", None)
 
 
 BID_COLUMNS = ["id", "listing_id", "bidder_id", "amount", "placed_at"]
@@ -55,21 +82,55 @@ LISTING_COLUMNS = [
     "description",
 ]
 
+# select() needs a file descriptor: one that always reads as ready, so waits end at once.
+_READY_READ, _READY_WRITE = os.pipe()
+os.write(_READY_WRITE, b"!")
 
-def copy_stream(rows: list[tuple[str, bytes]]) -> list[bytes]:
-    """The rows as COPY ... TO STDOUT (FORMAT binary) writes them: one chunk per row."""
-    chunks = []
-    for lsn, data in rows:
-        text = lsn.encode()
-        chunk = struct.pack("!hi", 2, len(text)) + text + struct.pack("!i", len(data)) + data
-        chunks.append(chunk)
-    chunks[0] = b"PGCOPY\n\xff\r\n\0" + struct.pack("!ii", 0, 0) + chunks[0]
-    return [*chunks, struct.pack("!h", -1)]
+
+class Stream:
+    """A replication cursor: ``items`` in order, then keepalives from ``caught_up_at``.
+
+    A reply request is answered with a keepalive once the items are read; with
+    ``answers=False`` the server never answers.
+    """
+
+    def __init__(
+        self, items: Iterable[Message | Keepalive], caught_up_at: int, answers: bool = True
+    ) -> None:
+        self.items = deque(items)
+        self.caught_up_at = caught_up_at
+        self.answers = answers
+        self.clock = itertools.count(1)
+        self.wal_end = 0
+        self.io_timestamp = self.feedback_timestamp = 0
+        self.replies_asked = 0
+
+    def read_message(self) -> Message | None:
+        if not self.items:
+            return None
+        item = self.items.popleft()
+        self.io_timestamp = next(self.clock)
+        if isinstance(item, Keepalive):
+            self.wal_end = item.wal_end
+            return None
+        self.wal_end = item.data_start
+        return item
+
+    def send_feedback(self, reply: bool = False, **_: Any) -> None:
+        self.feedback_timestamp = next(self.clock)
+        if reply:
+            self.replies_asked += 1
+            if self.answers and not self.items:
+                self.items.append(Keepalive(self.caught_up_at))
+
+    def fileno(self) -> int:
+        return _READY_READ
 
 
 class Cursor:
-    def __init__(self, rows: list[tuple[str, bytes]]) -> None:
-        self.rows = rows
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.params: tuple[Any, ...] = ()
 
     def __enter__(self) -> Cursor:
         return self
@@ -77,32 +138,31 @@ class Cursor:
     def __exit__(self, *_: Any) -> None:
         return None
 
-    def execute(self, *_: Any) -> None:
-        return None
+    def execute(self, query: str, params: tuple[Any, ...] = ()) -> None:
+        self.connection.queries.append(query)
+        self.query, self.params = query, params
 
-    def fetchone(self) -> tuple[Any, ...]:
-        return ("0/300",)
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        return [("2", "Funko", "1", "Toys")]
-
-    def mogrify(self, query: str, *_: Any) -> bytes:
-        return query.encode()
-
-    def copy_expert(self, query: str, file: Any) -> None:
-        assert "TO STDOUT (FORMAT binary)" in query
-        for chunk in copy_stream(self.rows):
-            file.write(chunk)
+    def fetchone(self) -> tuple[Any, ...] | None:
+        if "confirmed_flush_lsn" in self.query:
+            return (self.connection.confirmed,)
+        if "active_pid" in self.query:
+            return (self.connection.active_pid,)
+        return self.connection.titles.get(self.params[0])
 
 
 class Connection:
+    """The normal connection: answers the category title lookup and the slot's position."""
+
     autocommit = True
 
-    def __init__(self, rows: list[tuple[str, bytes]]) -> None:
-        self.rows = rows
+    def __init__(self) -> None:
+        self.titles = {"2": ("Funko", "1", "Toys")}
+        self.confirmed = "0/100"
+        self.active_pid: int | None = None
+        self.queries: list[str] = []
 
     def cursor(self) -> Cursor:
-        return Cursor(self.rows)
+        return Cursor(self)
 
 
 class RecordingSink:
@@ -118,12 +178,30 @@ class RecordingSink:
         self.dead.append((origin, reason))
 
 
-def capture(rows: list[tuple[str, bytes]]) -> tuple[RecordingSink, CaptureResult]:
+def runner(limits: CaptureLimits | None = None) -> tuple[Capture, RecordingSink]:
     sink = RecordingSink()
-    runner = Capture(Connection(rows), sink, "slot", "publication")  # type: ignore[arg-type]
-    runner.keys = {"bids": ["id"], "listings": ["id"]}
+    capture = Capture(Connection(), sink, "slot", "publication", limits)  # type: ignore[arg-type]
+    capture.keys = {"bids": ["id"], "listings": ["id"]}
+    return capture, sink
+
+
+def read(
+    items: Iterable[Message | Keepalive],
+    target: int = 0x230,
+    caught_up_at: int = 0x300,
+    limits: CaptureLimits | None = None,
+    remaining_s: Callable[[], float] = NO_TIME_LIMIT,
+) -> tuple[_Reading, RecordingSink, CaptureResult, Stream]:
+    """One run's read of ``items`` up to ``target``."""
+    capture, sink = runner(limits)
+    stream = Stream(items, caught_up_at)
     result = CaptureResult()
-    runner._read_batch(result, lambda: float("inf"), 0)
+    reading = capture._read(stream, target, result, remaining_s)
+    return reading, sink, result, stream
+
+
+def capture(items: list[Message]) -> tuple[RecordingSink, CaptureResult]:
+    _, sink, result, _ = read(items)
     return sink, result
 
 
@@ -155,6 +233,21 @@ def test_bid_and_listing_changes_become_contract_events_keyed_by_listing() -> No
         "Funko",
     )
     assert listed["ends_at"] == "2026-12-05T10:00:00.000000Z"
+
+
+def test_category_titles_are_read_once_per_sub_category_in_a_run() -> None:
+    listing = values(1, "s1", "Pop!", None, 2, "3.00", "live", None, "2026-12-05 10:00:00+00", "d")
+    unknown = values(3, "s1", "Pop!", 4, 9, "3.00", "live", None, "2026-12-05 10:00:00+00", "d")
+    change = b"I" + struct.pack("!i", LISTINGS_OID) + b"N"
+    capture, sink = runner()
+    stream = Stream(transaction(change + listing, change + listing, change + unknown), 0x300)
+
+    capture._read(stream, 0x230, CaptureResult(), NO_TIME_LIMIT)
+
+    connection = capture.conn
+    assert len(connection.queries) == 2  # sub-categories 2 and 9, each once
+    assert [event["sub_category"] for event in landed(sink)] == ["Funko", "Funko", None]
+    assert landed(sink)[2]["category_id"] == "4"
 
 
 def test_an_unchanged_toasted_value_is_taken_from_the_old_row() -> None:
@@ -190,46 +283,105 @@ def test_an_event_that_breaks_the_contract_is_dead_lettered_and_the_rest_go_on()
     assert (result.changes, result.events) == (2, 1)
 
 
-def test_a_batch_stops_at_the_commit_that_spends_its_byte_budget_and_drops_the_rest() -> None:
-    first = transaction(b"I" + struct.pack("!i", BIDS_OID) + b"N" + values(7, 1, "u1", "1", None))
-    second = [("0/240", b"B" + struct.pack("!qqi", 0x300, 0, 10)), ("0/248", b"not pgoutput")]
-    sink = RecordingSink()
-    runner = Capture(
-        Connection(first + second),
-        sink,  # type: ignore[arg-type]
-        "slot",
-        "publication",
-        CaptureLimits(max_bytes=1),
+def test_a_run_stops_at_the_commit_that_spends_its_byte_budget_and_reads_no_further() -> None:
+    second = [Message(0x240, pgoutput_wire.begin(0x300, 10)), Message(0x248, b"not pgoutput")]
+
+    reading, sink, _, stream = read(
+        transaction(bid(7)) + second, target=0x400, limits=CaptureLimits(max_bytes=1)
     )
-    runner.keys = {"bids": ["id"], "listings": ["id"]}
 
-    _, rows, last_end, stopped, spent = runner._read_batch(CaptureResult(), lambda: float("inf"), 0)
-
-    assert (stopped, last_end, rows) == ("bytes", 0x230, len(first) + len(second))
+    assert (reading.stopped, reading.confirm) == ("bytes", 0x230)
     assert [event["bid_id"] for event in landed(sink)] == ["7"]
-    assert spent == len(sink.added[0][1])
+    assert reading.bytes == len(sink.added[0][1])
+    assert list(stream.items) == second
 
 
-def test_the_copy_header_may_carry_an_extension_area() -> None:
-    rows = transaction(b"I" + struct.pack("!i", BIDS_OID) + b"N" + values(7, 1, "u1", "1", None))
-    taken: list[tuple[str, bytes]] = []
-    target = _CopyRows(lambda lsn, data: taken.append((lsn, data)))
-    chunks = copy_stream(rows)
-    header_end = len(b"PGCOPY\n\xff\r\n\0") + 8
-    chunks[0] = chunks[0][: header_end - 4] + struct.pack("!i", 3) + b"ext" + chunks[0][header_end:]
+def test_a_run_stops_at_the_commit_that_reaches_its_target() -> None:
+    later = transaction(bid(8), final_lsn=0x260, end_lsn=0x270)
 
-    for chunk in chunks:
-        target.write(chunk)
+    reading, sink, _, stream = read(transaction(bid(7)) + later, target=0x230)
 
-    assert target.failure is None
-    assert taken == rows
+    assert (reading.stopped, reading.confirm) == ("drained", 0x230)
+    assert [event["bid_id"] for event in landed(sink)] == ["7"]
+    assert list(stream.items) == later
 
 
-def test_a_stream_that_is_not_binary_copy_is_refused() -> None:
-    target = _CopyRows(lambda lsn, data: None)
+def test_with_nothing_to_send_a_run_confirms_where_the_server_has_decoded_past_its_target() -> None:
+    reading, sink, result, stream = read([], target=0x400, caught_up_at=0x480)
 
-    target.write(b"0/1F0\t\\x52\n")
-    target.write(struct.pack("!hi", 2, 3) + b"0/1" + struct.pack("!i", 1) + b"B")
+    assert (reading.stopped, reading.confirm) == ("drained", 0x480)
+    assert stream.replies_asked >= 1
+    assert (sink.added, result.transactions) == ([], 0)
 
-    assert isinstance(target.failure, CaptureError)
-    assert "not a header" in str(target.failure)
+
+def test_a_keepalive_past_the_target_inside_a_transaction_waits_for_its_commit() -> None:
+    # A transaction that began before the target and commits after it is sent whole
+    # once its commit arrives; the keepalive in between ends nothing.
+    messages = transaction(bid(7), final_lsn=0x500, end_lsn=0x520)
+    items = [*messages[:-1], Keepalive(0x510), messages[-1]]
+
+    reading, sink, result, _ = read(items, target=0x400)
+
+    assert (reading.stopped, reading.confirm) == ("drained", 0x520)
+    assert (result.transactions, len(sink.added)) == (1, 1)
+
+
+def test_a_server_that_stays_below_the_target_ends_the_run_once_it_has_caught_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The target can lie past the last record written: the rest of a page, or a record
+    # still being written. The server then answers from the same position until more
+    # WAL is flushed.
+    monkeypatch.setattr(capture_module, "CAUGHT_UP_S", 0.05)
+
+    reading, _, _, stream = read(transaction(bid(7)), target=0x400, caught_up_at=0x238)
+
+    assert (reading.stopped, reading.confirm) == ("drained", 0x238)
+    assert stream.replies_asked > 1
+
+
+def test_time_running_out_while_a_transaction_streams_in_confirms_the_last_commit() -> None:
+    calls = itertools.count()
+    second = transaction(bid(8), final_lsn=0x260, end_lsn=0x270)[:-1]  # no commit yet
+
+    reading, _, _, _ = read(
+        transaction(bid(7)) + second,
+        target=0x400,
+        remaining_s=lambda: float("inf") if next(calls) == 0 else 0.0,
+    )
+
+    assert (reading.stopped, reading.confirm) == ("time", 0x230)
+
+
+def test_a_server_that_never_answers_is_taken_as_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(capture_module, "SILENCE_S", 0.05)
+    capture, _ = runner()
+    stream = Stream([], 0x300, answers=False)
+
+    with pytest.raises(CaptureError, match=r"slot 'slot' heard nothing from the server"):
+        capture._read(stream, 0x230, CaptureResult(), NO_TIME_LIMIT)
+
+
+def test_a_confirmed_position_the_slot_never_shows_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(capture_module, "SLOT_WAIT_S", 0.02)
+    capture, _ = runner()
+    capture._stream = Stream([], 0x300)
+
+    with pytest.raises(CaptureError, match=r"'slot' was confirmed up to 0/230 but shows 0/100"):
+        capture._advance(0x230)
+
+
+def test_a_slot_still_held_after_the_run_is_reported_and_left_unwritten(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(capture_module, "SLOT_WAIT_S", 0.02)
+    capture, _ = runner()
+    capture.conn.active_pid = 4242
+
+    capture._keep(0x230)
+
+    assert "slot slot is confirmed up to 0/230 but may not be written" in caplog.text
+    assert "process 4242" in caplog.text
+    assert not any("pg_replication_slot_advance" in query for query in capture.conn.queries)
