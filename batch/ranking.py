@@ -92,7 +92,10 @@ def als_picks(
     won: DataFrame,
     size: int,
 ) -> DataFrame:
-    """Each of ``users``' ALS list, with the same columns as :func:`pick` returns.
+    """Each of ``users``' ALS list: one row per entry, numbered by ``position`` from 1.
+
+    Columns: ``user_id``, :data:`LISTING_COLUMNS`, ``listing_bids``, ``score``,
+    ``tier`` and ``position``, as :func:`popularity_picks` returns them.
 
     ``users``: ``user_id``, ``user_idx`` of the users to serve; ``everyone``:
     the same for every user, to recognise sellers among them; ``items``: item
