@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"encore {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except UnicodeDecodeError as exc:
-        print(f"encore {args.command}: a file is not UTF-8 text ({exc})", file=sys.stderr)
+        export = getattr(args, "export", None)
+        what = f"{export} is" if export else "a file is"
+        print(f"encore {args.command}: {what} not UTF-8 text ({exc})", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -192,6 +194,11 @@ def _load(args: argparse.Namespace) -> int:
     from cli.progress import Progress, counting
     from cli.stack import state_dir
 
+    if not args.export.is_file():
+        what = "a folder" if args.export.is_dir() else "no such file"
+        raise FileNotFoundError(
+            f"{args.export} is {what}: pass the path of the marketplace's CSV export"
+        )
     settings = operate.current().settings
     anchor = datetime.now(UTC).replace(microsecond=0)
     pipeline.prepare_database(settings)

@@ -142,6 +142,10 @@ SILENCE_S = 90.0
 SLOT_WAIT_S = 5.0
 
 
+#: ``pg_class.relreplident`` codes, as ``ALTER TABLE ... REPLICA IDENTITY`` names them.
+_IDENTITIES = {"d": "DEFAULT", "n": "NOTHING", "i": "USING INDEX", "f": "FULL"}
+
+
 class CaptureError(RuntimeError):
     """The capture cannot go on; the message says what to fix."""
 
@@ -234,10 +238,13 @@ def primary_keys(conn: Any, publication: str) -> dict[str, list[str]]:
                 f"captured table {table!r} has no primary key, so its changes cannot be keyed: "
                 f"ALTER TABLE {table} ADD PRIMARY KEY (...)"
             )
-        if identity == "n":
+        if identity != "f":
+            named = _IDENTITIES.get(identity, identity)
             raise CaptureError(
-                f"captured table {table!r} has REPLICA IDENTITY NOTHING, so updates and deletes "
-                f"lose their rows: ALTER TABLE {table} REPLICA IDENTITY DEFAULT (or FULL)"
+                f"captured table {table!r} has REPLICA IDENTITY {named}, "
+                "so Postgres does not log the old row: a deleted row would lose its columns and "
+                "an update that leaves a large value unchanged would not carry it: "
+                f"ALTER TABLE {table} REPLICA IDENTITY FULL"
             )
         if table not in CAPTURED_TABLES:
             raise CaptureError(

@@ -303,11 +303,17 @@ def test_a_captured_table_without_a_primary_key_is_refused_by_name(
     conn.close()
 
 
-def test_replica_identity_nothing_is_refused_with_the_fix(capture_settings: Settings) -> None:
+@pytest.mark.parametrize("identity", ["NOTHING", "DEFAULT"])
+def test_a_replica_identity_that_loses_old_rows_is_refused_with_the_fix(
+    capture_settings: Settings, identity: str
+) -> None:
     settings = capture_settings
-    execute(settings, "ALTER TABLE bids REPLICA IDENTITY NOTHING")
+    execute(settings, f"ALTER TABLE bids REPLICA IDENTITY {identity}")
 
-    with pytest.raises(CaptureError, match=r"'bids' has REPLICA IDENTITY NOTHING.*DEFAULT"):
+    with pytest.raises(
+        CaptureError,
+        match=rf"'bids' has REPLICA IDENTITY {identity}.*ALTER TABLE bids REPLICA IDENTITY FULL",
+    ):
         pipeline.capture_once(settings)
 
 

@@ -1,0 +1,25 @@
+"""``encore load`` names a path that is not an export file, before it needs a stack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cli.main import EXIT_ERROR, main
+
+
+@pytest.mark.parametrize(
+    ("name", "said"), [("exports", "is a folder"), ("gone.csv", "is no such file")]
+)
+def test_load_names_a_path_that_is_not_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, said: str
+) -> None:
+    (tmp_path / "exports").mkdir()
+
+    code = main(["load", str(tmp_path / name)])
+
+    error = capsys.readouterr().err
+    assert code == EXIT_ERROR
+    assert f"{tmp_path / name} {said}: pass the path of the marketplace's CSV export" in error
+    assert "Traceback" not in error
