@@ -45,12 +45,7 @@ def sample_lines(count: int) -> list[bytes]:
 def measure(settings: Settings, count: int) -> dict[str, Any]:
     kwargs = settings.boto3_kwargs()
     lines = sample_lines(count)
-    sink = KinesisSink(
-        boto3.client("kinesis", **kwargs),
-        settings.stream_name,
-        boto3.client("s3", **kwargs),
-        settings.bucket,
-    )
+    sink = KinesisSink.from_settings(settings)
     for line in lines:
         sink.add(line.split(b",")[7].decode(), line)
     sink.flush()

@@ -107,13 +107,7 @@ def measure_throughput(spark: Any, settings: Settings, count: int) -> dict[str, 
     """One catch-up run over ``count`` landed bid events, against a plain count of them."""
     from spark_streaming.popularity import run_popularity
 
-    kwargs = settings.boto3_kwargs()
-    sink = KinesisSink(
-        boto3.client("kinesis", **kwargs),
-        settings.stream_name,
-        boto3.client("s3", **kwargs),
-        settings.bucket,
-    )
+    sink = KinesisSink.from_settings(settings)
     for line in landing_bench.sample_lines(count):
         sink.add(line.split(b",")[7].decode(), line)
     sink.flush()

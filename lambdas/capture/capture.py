@@ -454,21 +454,14 @@ class Capture:
         deadline = time.monotonic() + SLOT_WAIT_S
         pause = 0.001
         while True:
-            with self.conn.cursor() as cursor:
-                cursor.execute(
-                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
-                    (self.slot_name,),
-                )
-                row = cursor.fetchone()
-            if row is None:
-                raise CaptureError(f"replication slot {self.slot_name!r} does not exist")
-            if row[0] is None:
+            holder = self._slot("active_pid")
+            if holder is None:
                 return
             if time.monotonic() > deadline:
                 raise CaptureError(
-                    f"replication slot {self.slot_name!r} is still held by process {row[0]}; "
+                    f"replication slot {self.slot_name!r} is still held by process {holder}; "
                     f"if no other client reads the slot, end that process with "
-                    f"SELECT pg_terminate_backend({row[0]})"
+                    f"SELECT pg_terminate_backend({holder})"
                 )
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
@@ -724,25 +717,24 @@ class Capture:
             )
 
     def _confirmed_flush(self) -> int | None:
+        confirmed = self._slot("confirmed_flush_lsn::text")
+        return None if confirmed is None else events.parse_lsn(confirmed)
+
+    def lag_bytes(self) -> int | None:
+        lag = self._slot("(pg_current_wal_lsn() - confirmed_flush_lsn)::bigint")
+        return None if lag is None else int(lag)
+
+    def _slot(self, expression: str) -> Any:
+        """One value of the slot's row in ``pg_replication_slots``; the slot must exist."""
         with self.conn.cursor() as cursor:
             cursor.execute(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                f"SELECT {expression} FROM pg_replication_slots WHERE slot_name = %s",
                 (self.slot_name,),
             )
             row = cursor.fetchone()
         if row is None:
             raise CaptureError(f"replication slot {self.slot_name!r} does not exist")
-        return None if row[0] is None else events.parse_lsn(row[0])
-
-    def lag_bytes(self) -> int | None:
-        with self.conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint"
-                " FROM pg_replication_slots WHERE slot_name = %s",
-                (self.slot_name,),
-            )
-            row = cursor.fetchone()
-        return None if row is None or row[0] is None else int(row[0])
+        return row[0]
 
 
 def timed(deadline: float) -> Callable[[], float]:

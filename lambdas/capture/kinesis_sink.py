@@ -47,6 +47,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from encore import layout
+from encore.settings import Settings
 from lambdas.capture.kpl import Aggregate
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,19 @@ class KinesisSink:
         self._pending_bytes = 0
         self._sender: threading.Thread | None = None
         self._sender_failure: BaseException | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KinesisSink:
+        """A sink for the settings' stream and dead-letter bucket, with clients of its own."""
+        import boto3
+
+        kwargs = settings.boto3_kwargs()
+        return cls(
+            boto3.client("kinesis", **kwargs),
+            settings.stream_name,
+            boto3.client("s3", **kwargs),
+            settings.bucket,
+        )
 
     def refresh_shards(self) -> None:
         """Read the open shards' hash ranges; call before each batch."""

@@ -337,16 +337,9 @@ def test_an_idle_captured_table_beside_a_busy_one_still_advances_the_slot(
 def test_a_target_past_the_last_record_ends_the_run_once_the_server_has_caught_up(
     capture_settings: Settings,
 ) -> None:
-    import boto3
 
     settings = capture_settings
-    kwargs = settings.boto3_kwargs()
-    sink = KinesisSink(
-        boto3.client("kinesis", **kwargs),
-        settings.stream_name,
-        boto3.client("s3", **kwargs),
-        settings.bucket,
-    )
+    sink = KinesisSink.from_settings(settings)
     conn = psycopg2.connect(settings.require_dsn())
     capture = Capture(conn, sink, settings.slot_name, settings.publication_name)
     with conn.cursor() as cursor:
@@ -385,7 +378,6 @@ def test_a_second_reader_finds_the_slot_locked(capture_settings: Settings) -> No
 
 
 def test_a_backlog_drains_over_several_runs_within_the_limits(capture_settings: Settings) -> None:
-    import boto3
 
     settings = capture_settings
     insert_listing(settings, 13)
@@ -395,15 +387,9 @@ def test_a_backlog_drains_over_several_runs_within_the_limits(capture_settings: 
             "INSERT INTO bids (listing_id, bidder_id, amount)"
             " SELECT 13, 'u1', n FROM generate_series(1, 100) AS n",
         )
-    kwargs = settings.boto3_kwargs()
     runs = []
     while True:
-        sink = KinesisSink(
-            boto3.client("kinesis", **kwargs),
-            settings.stream_name,
-            boto3.client("s3", **kwargs),
-            settings.bucket,
-        )
+        sink = KinesisSink.from_settings(settings)
         capture = Capture(
             psycopg2.connect(settings.require_dsn()),
             sink,
