@@ -42,7 +42,9 @@ is fitted on the training part less a validation split and scored by NDCG@k
 on that validation split; the configured pair is tried first and kept on a
 tie. The winner is refitted on the whole training part for the test. When
 the grid is emptied and only the configured pair is left, nothing is fitted
-for tuning: there is no choice to make.
+for tuning: there is no choice to make. A caller that already holds a choice
+(the nightly job reuses a recent night's, see :mod:`batch.recommend`) passes
+it as ``chosen`` and nothing is fitted for tuning either.
 
 Limitations: with few users that have three or more interactions the
 validation split is small and the tuning choice is noisy; it is reported,
@@ -273,13 +275,18 @@ def sample_users(interactions: DataFrame, max_users: int | None, seed: int) -> D
 
 
 def evaluate(
-    interactions: DataFrame, base: AlsParams, k: int = K, max_users: int | None = None
+    interactions: DataFrame,
+    base: AlsParams,
+    k: int = K,
+    max_users: int | None = None,
+    chosen: AlsParams | None = None,
 ) -> dict[str, Any]:
     """Split, tune, fit and score ALS and the popularity baseline on held-out interactions.
 
     With ``max_users``, a seeded sample of that many users is evaluated (and
     tuned on): the metrics of twenty thousand users are as telling as those of
-    a million, and the fits cost a fraction.
+    a million, and the fits cost a fraction. With ``chosen``, those parameters
+    are evaluated as they are, without a search; ``tuning`` is then empty.
     """
     sampled = sample_users(interactions, max_users, base.seed)
     split = split_holdout(sampled, base.seed)
@@ -287,7 +294,7 @@ def evaluate(
     test = split.test.cache()
     try:
         with model.releasing_factors(interactions.sparkSession):
-            result = _evaluate_split(split.method, train, test, base, k, max_users)
+            result = _evaluate_split(split.method, train, test, base, k, max_users, chosen)
     finally:
         train.unpersist()
         test.unpersist()
@@ -308,8 +315,10 @@ def _evaluate_split(
     base: AlsParams,
     k: int,
     max_users: int | None,
+    chosen: AlsParams | None,
 ) -> dict[str, Any]:
-    """Tune on the training part, then score the winner and the baseline on the test part."""
+    """Tune on the training part (unless the parameters are ``chosen``), then score the
+    winner and the baseline on the test part."""
     users = test.select("user_idx").distinct()
     catalogue = train.select("item_idx").distinct().count()
     # The baseline needs no model: it is scored while the candidates are tuned.
@@ -317,7 +326,7 @@ def _evaluate_split(
         baseline = pool.submit(
             lambda: ranking_metrics(popularity_recommendations(train, users, k), test, catalogue, k)
         )
-        best, tuning = tune(train, base, k)
+        best, tuning = (chosen, []) if chosen is not None else tune(train, base, k)
         fitted = model.fit(train, best)
         als = ranking_metrics(als_recommendations(fitted, train, users, k), test, catalogue, k)
         popular = baseline.result()

@@ -229,3 +229,13 @@ def read_pointer(s3: Any, bucket: str) -> dict[str, Any] | None:
         return None
     pointer: dict[str, Any] = json.loads(response["Body"].read())
     return pointer
+
+
+def read_manifest(s3: Any, bucket: str) -> dict[str, Any] | None:
+    """The manifest of the run the pointer names, or None when no run was ever published."""
+    pointer = read_pointer(s3, bucket)
+    if pointer is None:
+        return None
+    response = s3.get_object(Bucket=bucket, Key=layout.manifest_key(pointer["run_id"]))
+    manifest: dict[str, Any] = json.loads(response["Body"].read())
+    return manifest

@@ -8,7 +8,11 @@ Steps of :func:`run_nightly`:
    ALS (:mod:`batch.interactions`);
 3. evaluate on held-out interactions against a popularity baseline, with a
    small tuning search on a validation part of the training data; a failure
-   to evaluate fails the run (:mod:`batch.evaluation`);
+   to evaluate fails the run (:mod:`batch.evaluation`). The search is not
+   run every night: while the published night's search is younger than
+   ``als_tune_every_days`` and was made on the same basis (configured
+   parameters, grid, confidence weights, sample size), tonight evaluates its
+   choice as it is and the manifest carries that search forward;
 4. fit ALS on every interaction with the chosen parameters and rank the
    live listings for every user, with popularity for the users the model
    cannot serve (:mod:`batch.model`, :mod:`batch.ranking`);
@@ -33,9 +37,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -89,9 +94,7 @@ def run_nightly(
         with model.releasing_factors(spark):
             tables = _tables(landed, settings, cached)
             clock.lap("read")
-            scores = evaluation.evaluate(
-                tables.indexed, AlsParams.from_settings(settings), max_users=settings.eval_max_users
-            )
+            scores = _evaluate(tables, settings, bucket, run_id, now)
             params = AlsParams(**scores["params"])
             clock.lap("evaluate")
             fitted = model.fit(tables.indexed, params)
@@ -140,6 +143,88 @@ def run_nightly(
         summary["seconds"],
     )
     return summary
+
+
+def _evaluate(
+    tables: Tables, settings: Settings, bucket: str, run_id: str, now: datetime
+) -> dict[str, Any]:
+    """The night's evaluation, with a new search or the published night's."""
+    base = AlsParams.from_settings(settings)
+    basis = search_basis(settings)
+    previous = _published_search(settings, bucket, basis, now)
+    scores = evaluation.evaluate(
+        tables.indexed,
+        base,
+        max_users=settings.eval_max_users,
+        chosen=AlsParams(**previous["params"]) if previous else None,
+    )
+    if previous:
+        scores["tuning"] = previous["tuning"]
+        scores["search"] = {**previous["search"], "reused": True}
+    else:
+        scores["search"] = {"run_id": run_id, "at": _iso(now), "basis": basis, "reused": False}
+    return scores
+
+
+def search_basis(settings: Settings) -> dict[str, Any]:
+    """What a tuning search's choice depends on, as it reads back from JSON.
+
+    Another value for any of these makes the next night search again.
+    """
+    basis = {
+        "params": AlsParams.from_settings(settings).as_dict(),
+        "grid": evaluation.TUNING_GRID,
+        "confidence": [
+            settings.weight_bid_count,
+            settings.weight_amount,
+            settings.recency_half_life_days,
+        ],
+        "max_users": settings.eval_max_users,
+    }
+    restored: dict[str, Any] = json.loads(json.dumps(basis))
+    return restored
+
+
+def reusable_search(
+    manifest: dict[str, Any] | None, basis: dict[str, Any], now: datetime, every_days: int
+) -> dict[str, Any] | None:
+    """The evaluation of ``manifest`` if tonight may reuse its search, else None.
+
+    It may while the search, made on the same ``basis``, is less than
+    ``every_days`` old at ``now``; a manifest written before searches were
+    recorded never qualifies.
+    """
+    if every_days <= 0 or manifest is None:
+        return None
+    scores = manifest.get("evaluation") or {}
+    search = scores.get("search")
+    if not isinstance(search, dict) or search.get("basis") != basis or "params" not in scores:
+        return None
+    age = now - datetime.fromisoformat(search["at"])
+    if not timedelta(0) <= age < timedelta(days=every_days):
+        return None
+    return {"params": scores["params"], "tuning": scores.get("tuning", []), "search": search}
+
+
+def _published_search(
+    settings: Settings, bucket: str, basis: dict[str, Any], now: datetime
+) -> dict[str, Any] | None:
+    if settings.als_tune_every_days <= 0:
+        return None
+    try:
+        manifest = publish.read_manifest(publish.s3_client(settings), bucket)
+        previous = reusable_search(manifest, basis, now, settings.als_tune_every_days)
+    except (BotoCoreError, ClientError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("cannot read the published night's search (%s): searching again", exc)
+        return None
+    if previous:
+        logger.info(
+            "reusing the ALS parameters searched in run %s at %s: %s",
+            previous["search"]["run_id"],
+            previous["search"]["at"],
+            previous["params"],
+        )
+    return previous
 
 
 class _Clock:

@@ -6,14 +6,13 @@ says so and how to start one.
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import boto3
 import psycopg2
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import EndpointConnectionError
 
 from cli import pipeline
 from cli.progress import ProgressFactory
@@ -53,6 +52,8 @@ def status(settings: Settings) -> dict[str, Any]:
         "database": redact_dsn(settings.require_dsn()),
         **_database_status(settings),
     }
+    from batch.publish import read_manifest
+
     try:
         captured = pipeline.stream_events(settings)
         unreadable: list[str] = []
@@ -65,7 +66,7 @@ def status(settings: Settings) -> dict[str, Any]:
         report["landed_unreadable"] = unreadable
         report["dead_lettered"] = _count(s3, settings.bucket, layout.CAPTURE_DEAD_LETTER_PREFIX)
         report["newest_feed"] = _newest(s3, settings.bucket, layout.FEEDS_PREFIX)
-        report["last_night"] = _manifest(s3, settings.bucket)
+        report["last_night"] = read_manifest(s3, settings.bucket)
     except EndpointConnectionError as exc:
         raise ConnectionError(
             f"the AWS endpoint {settings.aws_endpoint_url} is down: `encore up` starts it"
@@ -119,22 +120,6 @@ def _newest(s3: Any, bucket: str, prefix: str) -> dict[str, Any] | None:
     newest = max(objects, key=lambda item: item["LastModified"])
     age = datetime.now(UTC) - newest["LastModified"]
     return {"key": newest["Key"], "age_s": round(age.total_seconds(), 1)}
-
-
-def _manifest(s3: Any, bucket: str) -> dict[str, Any] | None:
-    """The manifest of the run the pointer names; None before the first run."""
-    try:
-        pointer = json.loads(
-            s3.get_object(Bucket=bucket, Key=layout.RECOMMENDATIONS_POINTER)["Body"].read()
-        )
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] in {"NoSuchKey", "404"}:
-            return None
-        raise
-    manifest: dict[str, Any] = json.loads(
-        s3.get_object(Bucket=bucket, Key=layout.manifest_key(pointer["run_id"]))["Body"].read()
-    )
-    return manifest
 
 
 def run_spark_job(

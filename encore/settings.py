@@ -62,6 +62,7 @@ class Settings:
     weight_amount: float = 0.2
     recency_half_life_days: float = 30.0
     eval_max_users: int = 20_000
+    als_tune_every_days: int = 7
 
     # Serving.
     presign_secret: str | None = None
@@ -184,6 +185,8 @@ HELP: dict[str, str] = {
     "als_iterations": "ALS iterations",
     "als_seed": "ALS random seed (training is deterministic)",
     "eval_max_users": "users the nightly evaluation and tuning use at most (a seeded sample)",
+    "als_tune_every_days": "nights reuse the published night's tuned ALS parameters until the "
+    "search is this old (0: search every night)",
     "weight_bid_count": "confidence weight of a user's bid count on an item",
     "weight_amount": "confidence weight of log(1 + amount bid) on an item",
     "recency_half_life_days": "half-life of a bid's weight in the confidence",

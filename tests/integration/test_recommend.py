@@ -127,9 +127,17 @@ def interrupted_night(
     def crash(*args: Any, **kwargs: Any) -> None:
         raise publish.PublishError("the driver died before the switch")
 
+    searches: list[AlsParams] = []
+
+    def search(train: Any, base: AlsParams, k: int = 10) -> Any:
+        searches.append(base)
+        return tune(train, base, k)
+
+    tune = evaluation.tune
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(publish, "switch_pointer", crash)
         patch.setattr(evaluation, "TUNING_GRID", QUICK_TUNING)
+        patch.setattr(evaluation, "tune", search)
         with pytest.raises(publish.PublishError, match="before the switch"):
             run_nightly(
                 spark,
@@ -138,7 +146,11 @@ def interrupted_night(
                 run_id=SECOND,
                 now=RUN_NOW,
             )
-    return {"documents": Bucket(recommend_settings).documents(SECOND)}
+    return {
+        "documents": Bucket(recommend_settings).documents(SECOND),
+        "manifest": Bucket(recommend_settings).json(layout.manifest_key(SECOND)),
+        "searches": searches,
+    }
 
 
 def test_every_bid_event_is_read_once(
@@ -437,6 +449,20 @@ def test_readers_keep_last_nights_set_until_the_switch(
     assert bucket.json(layout.RECOMMENDATIONS_POINTER)["run_id"] == FIRST
     assert served == first_night["documents"][user_id]
     assert len(interrupted_night["documents"]) == len(first_night["documents"])
+
+
+def test_the_next_night_reuses_the_published_nights_search(
+    first_night: dict[str, Any], interrupted_night: dict[str, Any]
+) -> None:
+    first = first_night["summary"]["evaluation"]["search"]
+    second = interrupted_night["manifest"]["evaluation"]
+
+    assert (first["run_id"], first["reused"]) == (FIRST, False)
+    assert interrupted_night["searches"] == []
+    assert second["search"] == {**first, "reused": True}
+    assert second["params"] == first_night["summary"]["params"]
+    assert second["tuning"] == first_night["summary"]["evaluation"]["tuning"]
+    assert second["users_evaluated"] > 0
 
 
 def test_a_listing_that_ended_since_the_last_run_is_not_recommended(
