@@ -14,9 +14,12 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from encore.settings import SettingsError
+
+if TYPE_CHECKING:
+    from producers.loader import AlreadyLoaded
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -37,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    commands.add_parser("up", help="start Postgres and the AWS endpoint and leave them running")
+    up = commands.add_parser(
+        "up", help="start Postgres and the AWS endpoint and leave them running"
+    )
+    up.add_argument("--json", action="store_true", help="print the endpoint and the DSN as JSON")
     commands.add_parser("down", help="stop what `encore up` started")
     commands.add_parser("status", help="slot lag, events captured and landed, feed age, last night")
     load = commands.add_parser(
@@ -128,17 +134,22 @@ def _up(args: argparse.Namespace) -> int:
     from cli import pipeline
     from cli.stack import running_stack, start_stack
 
-    if running_stack() is not None:
-        print("a local stack is already up (`encore down` stops it)")
-        return EXIT_OK
-    stack = start_stack(fresh=True)
-    pipeline.prepare_database(stack.settings)
-    _print(
-        {
-            "aws_endpoint_url": stack.settings.aws_endpoint_url,
-            "database_dsn": stack.settings.database_dsn,
-        }
-    )
+    stack = running_stack()
+    if stack is None:
+        stack = start_stack(fresh=True)
+        pipeline.prepare_database(stack.settings)
+        heading = "local stack up"
+    else:
+        heading = "local stack already up"
+    if args.json:
+        _print(
+            {
+                "aws_endpoint_url": stack.settings.aws_endpoint_url,
+                "database_dsn": stack.settings.database_dsn,
+            }
+        )
+    else:
+        print(stack.describe(heading))
     return EXIT_OK
 
 
@@ -209,12 +220,16 @@ def _load(args: argparse.Namespace) -> int:
         anchor,
         progress=Progress,
     )
-    with counting(Progress, "replay", len(load.bids), "bids") as on_progress:
+    # A load with nothing new still closes the auctions that ended since and drains the
+    # capture, but has no bids to show a bar for.
+    with counting(Progress if load.bids else None, "replay", len(load.bids), "bids") as on_progress:
         flow = pipeline.replay_live(settings, load, anchor, on_progress=on_progress)
     _print(
         {
             "rows_read": load.export.rows_read,
             "rows_rejected": len(load.export.rejected),
+            "rows_already_loaded": len(load.already_loaded),
+            "rows_disagreeing": sum(not item.agrees for item in load.already_loaded),
             "rejects_file": str(load.rejects_path),
             "listings": len(load.listings),
             "bids_inserted": flow.bids_inserted,
@@ -223,7 +238,36 @@ def _load(args: argparse.Namespace) -> int:
             "landed": flow.landed,
         }
     )
-    return EXIT_OK
+    return _say_skipped(args.export, len(load.export.interactions), load.already_loaded)
+
+
+def _say_skipped(export: Path, rows: int, already_loaded: list[AlreadyLoaded]) -> int:
+    """Name the rows of ``export`` that were loaded before and so skipped; exit code 1 when
+    some disagree with the bids the database holds for them."""
+    if not already_loaded:
+        return EXIT_OK
+    skipped = len(already_loaded)
+    print(
+        f"encore load: {skipped} of {rows} rows of {export} were already loaded (their "
+        f"bidder has bids on their listing): skipped; {rows - skipped} new rows loaded",
+        file=sys.stderr,
+    )
+    disagreeing = [item for item in already_loaded if not item.agrees]
+    if not disagreeing:
+        return EXIT_OK
+    named = "; ".join(
+        f"{item.row.user_id} on {item.row.title!r}: {item.bid_count} bids, {item.bid_total}"
+        f" in the database, {item.row.bid_count} bids, {item.row.bid_total} in the export"
+        for item in disagreeing[:3]
+    )
+    more = f"; {len(disagreeing) - 3} more" if len(disagreeing) > 3 else ""
+    print(
+        f"encore load: check failed: {len(disagreeing)} of the skipped rows disagree with the "
+        f"bids in the database ({named}{more}); the database keeps its bids "
+        "(`encore down`, then `encore up`, starts an empty stack)",
+        file=sys.stderr,
+    )
+    return EXIT_CHECK_FAILED
 
 
 def _url(args: argparse.Namespace) -> int:

@@ -54,10 +54,14 @@ class LocalContext:
 
 @dataclass
 class LoadResult:
+    """An export read and its catalogue inserted: the bids planned for the rows that are
+    new, and the rows that were loaded before (not loaded again)."""
+
     export: loader.Export
     listings: list[loader.Listing]
     bids: list[replayer.PlannedBid]
     rejects_path: Path
+    already_loaded: list[loader.AlreadyLoaded] = field(default_factory=list)
 
 
 @dataclass
@@ -106,29 +110,40 @@ def load_export(
 ) -> LoadResult:
     """Read the export, write its rejects, insert the catalogue and plan the bids.
 
-    ``progress`` makes a bar for reading the export (lines) and one for inserting
-    the catalogue (rows).
+    What the database already holds is kept and not loaded again: its categories and
+    listings keep their ids and windows, and a row whose bidder already has bids on
+    its listing gets no bids planned (it is in ``already_loaded``). ``progress`` makes
+    a bar for reading the export (lines) and one for inserting the catalogue (rows).
     """
     total_lines = loader.count_lines(export_path) if progress else None
     with counting(progress, "export", total_lines, "lines") as on_progress:
         export = loader.read_export(export_path, on_progress)
     loader.write_rejects(export, rejects_path)
-    listings = loader.plan_listings(export.interactions)
-    windows = replayer.plan_windows(listings, anchor, seed)
-    bids = replayer.plan_bids(export.interactions, listings, windows, anchor, seed)
-    rows = loader.catalogue_rows(
-        export,
-        listings,
-        {listing_id: (w.starts_at, w.ends_at) for listing_id, w in windows.items()},
-    )
     conn = psycopg2.connect(settings.require_dsn())
     try:
+        loaded = loader.read_loaded(conn)
+        listings = loader.plan_listings(export.interactions, loaded)
+        new_listings = [listing for listing in listings if listing.key not in loaded.listings]
+        windows = {
+            listing_id: replayer.Window(*window) for listing_id, window in loaded.windows.items()
+        }
+        windows.update(replayer.plan_windows(new_listings, anchor, seed))
+        to_load, already_loaded = loader.split_loaded(export.interactions, listings, loaded)
+        bids = replayer.plan_bids(
+            to_load, listings, windows, anchor, seed, first_id=loaded.last_bid_id + 1
+        )
+        rows = loader.catalogue_rows(
+            export,
+            listings,
+            {listing_id: (w.starts_at, w.ends_at) for listing_id, w in windows.items()},
+            loaded,
+        )
         total_rows = sum(len(values) for values in rows.values())
         with counting(progress, "catalogue", total_rows, "rows") as on_progress:
             loader.insert_catalogue(conn, rows, on_progress)
     finally:
         conn.close()
-    return LoadResult(export, listings, bids, rejects_path)
+    return LoadResult(export, listings, bids, rejects_path, already_loaded)
 
 
 def capture_once(settings: Settings) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from encore.settings import Settings
+from encore.settings import Settings, redact_dsn
 from infra.provision import provision
 from local.services import LocalPostgres, MotoServer, ServiceError, free_port, port_open
 
@@ -54,6 +54,21 @@ class LocalStack:
             self.postgres.stop()
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)
+
+    def describe(self, heading: str = "local stack up") -> str:
+        """For people: the database and the AWS endpoint, where the state lives, what next."""
+        root = self.state_file.parent if self.state_file is not None else state_dir()
+        postgres = "" if self.postgres else " (ENCORE_DATABASE_DSN, not started here)"
+        endpoint = " (moto's server)" if self.endpoint else " (AWS_ENDPOINT_URL, not started here)"
+        return "\n".join(
+            [
+                f"{heading} (state in {root})",
+                f"  Postgres      {redact_dsn(self.settings.require_dsn())}{postgres}",
+                f"  AWS endpoint  {self.settings.aws_endpoint_url}{endpoint}",
+                f"  bucket        s3://{self.settings.bucket}, stream {self.settings.stream_name}",
+                "`encore load EXPORT` loads an export; `encore down` stops the stack.",
+            ]
+        )
 
 
 def use_local_credentials() -> None:

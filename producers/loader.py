@@ -18,6 +18,18 @@ rejects file with its line number and reason, and the load goes on.
 Each distinct (category, sub-category, title, price) becomes one listing: the
 export has no listing ids. Listing ids start above 2**32 so that every stage
 is exercised with ids that do not fit in 32 bits.
+
+Loading is safe to repeat. What the database already holds (:func:`read_loaded`)
+keeps its id: a category by its title, a sub-category by its category and title,
+a listing by its four fields; what is new is numbered after the largest id in
+use. A row whose bidder already has bids on its listing is already loaded and
+is not loaded again (:func:`split_loaded`), so a second load of the same export
+inserts nothing, and a load of a larger one inserts only the rows that are new.
+
+Limitations: a row counts as loaded by its bidder and listing alone, so bids the
+marketplace itself placed there make an export's row count as loaded too (its
+count and total then disagree, which the caller reports). New bids on a listing
+whose auction already closed leave its status as it was.
 """
 
 from __future__ import annotations
@@ -25,11 +37,12 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +134,41 @@ class Listing:
     sub_category: str
     title: str
     price: Decimal
+
+    @property
+    def key(self) -> tuple[str, str, str, Decimal]:
+        return (self.category, self.sub_category, self.title, self.price)
+
+
+@dataclass
+class Loaded:
+    """What the database already holds, by the fields the export names things with.
+
+    ``windows`` maps the id of every listing to its auction's (starts_at, ends_at);
+    ``bids`` maps (bidder, listing id) to the count and total of the bids placed there.
+    """
+
+    categories: dict[str, int] = field(default_factory=dict)
+    sub_categories: dict[tuple[str, str], int] = field(default_factory=dict)
+    listings: dict[tuple[str, str, str, Decimal], int] = field(default_factory=dict)
+    windows: dict[int, tuple[datetime, datetime]] = field(default_factory=dict)
+    bids: dict[tuple[str, int], tuple[int, Decimal]] = field(default_factory=dict)
+    last_bid_id: int = 0
+
+
+@dataclass(frozen=True)
+class AlreadyLoaded:
+    """An export row whose bidder already has bids on its listing: the count and total
+    of those bids."""
+
+    row: Interaction
+    bid_count: int
+    bid_total: Decimal
+
+    @property
+    def agrees(self) -> bool:
+        """The bids in the database are the row's own: the same count and total."""
+        return (self.bid_count, self.bid_total) == (self.row.bid_count, self.row.bid_total)
 
 
 def read_export(path: Path | str, on_progress: Callable[[int], None] | None = None) -> Export:
@@ -229,6 +277,10 @@ def _interaction(raw: dict[str, str], width: int, expected: int) -> Interaction:
     price = _decimal(values["price"], "price")
     if price < 0:
         raise ValueError(f"price {values['price']!r} is negative")
+    # The database keeps cents: a finer price would be rounded there and then no
+    # longer name the same listing when the export is loaded again.
+    if price != price.quantize(CENT):
+        raise ValueError(f"price {price} has fractions of a cent")
     total = _decimal(values["bid_total"], "bid_total")
     try:
         count = int(values["bid_count"])
@@ -263,10 +315,75 @@ def _decimal(text: str, name: str) -> Decimal:
     return value
 
 
-def plan_listings(interactions: list[Interaction]) -> list[Listing]:
-    """One listing per distinct (category, sub-category, title, price), ids in sorted order."""
+def read_loaded(conn: Any) -> Loaded:
+    """Read the categories, sub-categories, listings and bids already in the database."""
+    loaded = Loaded()
+    with conn, conn.cursor() as cursor:
+        cursor.execute("SELECT id, title FROM categories")
+        loaded.categories = {title: number for number, title in cursor.fetchall()}
+        cursor.execute(
+            "SELECT s.id, c.title, s.title FROM sub_categories s"
+            " JOIN categories c ON c.id = s.category_id"
+        )
+        loaded.sub_categories = {(category, title): number for number, category, title in cursor}
+        # The marketplace may list the same item twice: its first listing stands for both.
+        cursor.execute(
+            "SELECT l.id, c.title, s.title, l.title, l.price, l.starts_at, l.ends_at"
+            " FROM listings l JOIN categories c ON c.id = l.category_id"
+            " JOIN sub_categories s ON s.id = l.sub_category_id ORDER BY l.id DESC"
+        )
+        for number, category, sub_category, title, price, starts_at, ends_at in cursor:
+            loaded.listings[(category, sub_category, title, price)] = number
+            loaded.windows[number] = (starts_at, ends_at)
+        cursor.execute(
+            "SELECT bidder_id, listing_id, count(*), sum(amount) FROM bids"
+            " GROUP BY bidder_id, listing_id"
+        )
+        loaded.bids = {
+            (bidder, listing): (count, total) for bidder, listing, count, total in cursor
+        }
+        cursor.execute("SELECT coalesce(max(id), 0) FROM bids")
+        loaded.last_bid_id = cursor.fetchone()[0]
+    return loaded
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def _numbered(keys: Sequence[Key], known: dict[Key, int], largest: int) -> dict[Key, int]:
+    """An id for each of ``keys``: the one ``known`` gives it, else the next one after
+    ``largest``, in the order of ``keys``."""
+    ids: dict[Key, int] = {}
+    for key in keys:
+        if key not in known:
+            largest += 1
+        ids[key] = known.get(key, largest)
+    return ids
+
+
+def plan_listings(interactions: list[Interaction], loaded: Loaded | None = None) -> list[Listing]:
+    """One listing per distinct (category, sub-category, title, price), in sorted order:
+    with the id ``loaded`` has for it, else a new one."""
+    loaded = loaded or Loaded()
     keys = sorted({row.listing_key for row in interactions})
-    return [Listing(FIRST_LISTING_ID + number, *key) for number, key in enumerate(keys)]
+    ids = _numbered(keys, loaded.listings, max([FIRST_LISTING_ID - 1, *loaded.windows]))
+    return [Listing(ids[key], *key) for key in keys]
+
+
+def split_loaded(
+    interactions: list[Interaction], listings: list[Listing], loaded: Loaded
+) -> tuple[list[Interaction], list[AlreadyLoaded]]:
+    """The rows still to load, and those whose bidder already has bids on their listing."""
+    listing_ids = {listing.key: listing.id for listing in listings}
+    new: list[Interaction] = []
+    already: list[AlreadyLoaded] = []
+    for row in interactions:
+        found = loaded.bids.get((row.user_id, listing_ids[row.listing_key]))
+        if found is None:
+            new.append(row)
+        else:
+            already.append(AlreadyLoaded(row, *found))
+    return new, already
 
 
 def write_rejects(export: Export, path: Path) -> None:
@@ -281,21 +398,35 @@ def write_rejects(export: Export, path: Path) -> None:
 
 
 def catalogue_rows(
-    export: Export, listings: list[Listing], windows: dict[int, Any]
+    export: Export,
+    listings: list[Listing],
+    windows: dict[int, Any],
+    loaded: Loaded | None = None,
 ) -> dict[str, list[tuple[Any, ...]]]:
     """The rows to insert per table, parents first: users, categories, sub-categories
-    and listings. ``windows`` maps a listing id to its (starts_at, ends_at)."""
+    and listings, leaving out those ``loaded`` already has. ``windows`` maps the id of
+    each new listing to its (starts_at, ends_at)."""
+    loaded = loaded or Loaded()
     users = sorted({(row.user_id, row.user_name) for row in export.interactions})
     categories = sorted({row.category for row in export.interactions})
-    category_ids = {title: number for number, title in enumerate(categories, start=1)}
+    category_ids = _numbered(
+        categories, loaded.categories, max(loaded.categories.values(), default=0)
+    )
     sub_categories = sorted({(row.category, row.sub_category) for row in export.interactions})
-    sub_category_ids = {key: number for number, key in enumerate(sub_categories, start=1)}
+    sub_category_ids = _numbered(
+        sub_categories, loaded.sub_categories, max(loaded.sub_categories.values(), default=0)
+    )
     return {
         "users": users,
-        "categories": [(number, title) for title, number in category_ids.items()],
+        "categories": [
+            (number, title)
+            for title, number in category_ids.items()
+            if title not in loaded.categories
+        ],
         "sub_categories": [
             (number, category_ids[category], title)
             for (category, title), number in sub_category_ids.items()
+            if (category, title) not in loaded.sub_categories
         ],
         "listings": [
             (
@@ -307,6 +438,7 @@ def catalogue_rows(
                 *windows[listing.id],
             )
             for listing in listings
+            if listing.key not in loaded.listings
         ],
     }
 

@@ -13,8 +13,8 @@ for a given seed:
   capture sees live traffic; auctions whose window closed before ``anchor``
   are then marked ``sold``.
 
-Bid ids are planned too, and inserts skip ids that exist, so a second replay
-of the same plan inserts nothing.
+Bid ids are planned too, after the largest already in use, and inserts skip
+ids that exist, so a second replay of the same plan inserts nothing.
 """
 
 from __future__ import annotations
@@ -79,8 +79,12 @@ def plan_bids(
     windows: dict[int, Window],
     anchor: datetime,
     seed: int,
+    first_id: int = 1,
 ) -> list[PlannedBid]:
-    """Every bid of the export, in the order it is placed."""
+    """Every bid of ``interactions``, in the order it is placed, numbered from ``first_id``.
+
+    ``windows`` holds the window of every listing that gets a bid.
+    """
     rng = random.Random(seed)
     listing_ids = {
         (listing.category, listing.sub_category, listing.title, listing.price): listing.id
@@ -105,7 +109,7 @@ def plan_bids(
     timed.sort()
     return [
         PlannedBid(number, listing_id, bidder, amount, placed_at)
-        for number, (placed_at, listing_id, amount, bidder) in enumerate(timed, start=1)
+        for number, (placed_at, listing_id, amount, bidder) in enumerate(timed, start=first_id)
     ]
 
 

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cli.progress import Progress
 from cli.stack import LocalStack
 from encore import layout
 from encore.settings import Settings
+from producers import loader
 
 pytestmark = pytest.mark.integration
 
@@ -245,16 +247,23 @@ def test_url_refuses_a_document_not_published_yet_then_says_when_expiry_was_shor
     assert "expiry shortened to 604800 s" in printed.err
 
 
+@pytest.fixture
+def loading_stack(
+    fresh_database: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """The command line's stack for ``encore load``, its state folder under ``tmp_path``."""
+    use_stack(monkeypatch, fresh_database)
+    monkeypatch.setenv("ENCORE_STATE_DIR", str(tmp_path))
+    return fresh_database
+
+
 def test_load_command_replays_an_export_into_the_running_stack(
-    fresh_database: Settings,
+    loading_stack: Settings,
     export_slice: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = fresh_database
-    use_stack(monkeypatch, settings)
-    monkeypatch.setenv("ENCORE_STATE_DIR", str(tmp_path))
+    settings = loading_stack
 
     code = main.main(["load", str(export_slice)])
 
@@ -278,3 +287,69 @@ def test_load_command_replays_an_export_into_the_running_stack(
     conn.close()
     assert bids == loaded["bids_inserted"] + 1
     assert new_id > 0
+
+
+def test_loading_again_loads_only_the_new_rows_and_names_those_skipped(
+    loading_stack: Settings,
+    export_head: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = loading_stack
+
+    def bids_in_database() -> tuple[int, Decimal, int]:
+        with psycopg2.connect(settings.require_dsn()) as conn, conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*), sum(amount), (SELECT count(*) FROM listings) FROM bids"
+            )
+            found = cursor.fetchone()
+        conn.close()
+        return found
+
+    export = export_head(SLICE_ROWS)
+    assert main.main(["load", str(export)]) == main.EXIT_OK
+    capsys.readouterr()
+    first = bids_in_database()
+
+    code = main.main(["load", str(export)])
+
+    printed = capsys.readouterr()
+    again = json.loads(printed.out)
+    assert code == main.EXIT_OK
+    assert (again["rows_already_loaded"], again["bids_inserted"]) == (SLICE_ROWS, 0)
+    assert (
+        f"encore load: {SLICE_ROWS} of {SLICE_ROWS} rows of {export} were already loaded"
+        in printed.err
+    )
+    assert bids_in_database() == first
+
+    # A longer export: its first rows are loaded, the rest are new.
+    longer = export_head(SLICE_ROWS + 10)
+    code = main.main(["load", str(longer)])
+
+    printed = capsys.readouterr()
+    expected = loader.read_export(longer)
+    assert code == main.EXIT_OK
+    assert json.loads(printed.out)["rows_already_loaded"] == SLICE_ROWS
+    assert "skipped; 10 new rows loaded" in printed.err
+    assert bids_in_database() == (
+        expected.bid_count,
+        sum(row.bid_total for row in expected.interactions),
+        len(loader.plan_listings(expected.interactions)),
+    )
+    assert operate.status(settings)["landed_events"]["bid.insert"] == expected.bid_count
+
+    # One bid the marketplace placed itself: that row no longer matches the database.
+    with psycopg2.connect(settings.require_dsn()) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO bids (listing_id, bidder_id, amount)"
+            " SELECT listing_id, bidder_id, 1 FROM bids ORDER BY id LIMIT 1"
+        )
+    conn.close()
+    code = main.main(["load", str(longer)])
+
+    printed = capsys.readouterr()
+    assert code == main.EXIT_CHECK_FAILED
+    assert json.loads(printed.out)["bids_inserted"] == 0
+    assert "check failed: 1 of the skipped rows disagree with the bids in the database" in (
+        printed.err
+    )

@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 
 from producers.loader import (
+    FIRST_LISTING_ID,
     ExportError,
+    Loaded,
+    catalogue_rows,
     count_lines,
     parse_export,
     plan_listings,
     read_export,
+    split_loaded,
 )
 
 HEADER = (
@@ -55,6 +60,7 @@ def test_loader_reads_a_newline_inside_a_quoted_field_and_numbers_lines_by_recor
         ('"u1","a","Toys","Funko","T","1","two","10"', "counts 'two' is not a whole number"),
         ('"u1","a","Toys","Funko","T","1","3","0.02"', "cannot be split into 3 positive bids"),
         ('"u1","a","Toys","Funko","T","NaN","1","5"', "listing_amount 'NaN' is not finite"),
+        ('"u1","a","Toys","Funko","T","1.005","1","5"', "listing_amount 1.005 has fractions"),
         ('"u1","a","Toys","Funko","T","1","1"', "has 7 fields, expected 8"),
     ],
 )
@@ -125,3 +131,62 @@ def test_loader_progress_counts_every_line_once(tmp_path, body: str, lines: int)
     read_export(path, on_progress=steps.append)
 
     assert sum(steps) == count_lines(path) == lines
+
+
+WINDOW = (datetime(2026, 11, 28, tzinfo=UTC), datetime(2026, 11, 30, tzinfo=UTC))
+
+
+def loaded_earlier() -> Loaded:
+    """A database holding one earlier load: u1's two bids on Toys/Funko/Print at 1.00."""
+    return Loaded(
+        categories={"Toys": 1},
+        sub_categories={("Toys", "Funko"): 1},
+        listings={("Toys", "Funko", "Print", Decimal("1.00")): FIRST_LISTING_ID},
+        windows={FIRST_LISTING_ID: WINDOW},
+        bids={("u1", FIRST_LISTING_ID): (2, Decimal("30.00"))},
+        last_bid_id=2,
+    )
+
+
+def test_loading_again_keeps_the_ids_in_the_database_and_numbers_new_things_after_them() -> None:
+    export = parse(
+        '"u1","a","Toys","Funko","Print","1","2","30"\n'
+        '"u2","b","Books","Comics","Annual","4","1","4"\n'
+        '"u2","b","Toys","Funko","Print","1","1","2"\n'
+    )
+    loaded = loaded_earlier()
+
+    listings = plan_listings(export.interactions, loaded)
+    rows = catalogue_rows(export, listings, {FIRST_LISTING_ID + 1: WINDOW}, loaded)
+
+    assert [(listing.id, listing.title) for listing in listings] == [
+        (FIRST_LISTING_ID + 1, "Annual"),
+        (FIRST_LISTING_ID, "Print"),
+    ]
+    assert rows["categories"] == [(2, "Books")]
+    assert rows["sub_categories"] == [(2, 2, "Comics")]
+    assert [row[:3] for row in rows["listings"]] == [(FIRST_LISTING_ID + 1, "Annual", 2)]
+
+
+@pytest.mark.parametrize(
+    ("row", "agrees"),
+    [
+        ('"u1","a","Toys","Funko","Print","1","2","30"', True),
+        ('"u1","a","Toys","Funko","Print","1","3","40"', False),
+    ],
+    ids=["same-bids", "other-bids"],
+)
+def test_a_row_whose_bidder_has_bids_on_its_listing_is_not_loaded_again(
+    row: str, agrees: bool
+) -> None:
+    export = parse(row + "\n" + '"u2","b","Toys","Funko","Print","1","1","2"\n')
+    loaded = loaded_earlier()
+
+    new, already = split_loaded(
+        export.interactions, plan_listings(export.interactions, loaded), loaded
+    )
+
+    assert [row.user_id for row in new] == ["u2"]
+    (skipped,) = already
+    assert (skipped.row.user_id, skipped.bid_count, skipped.bid_total) == ("u1", 2, Decimal(30))
+    assert skipped.agrees is agrees

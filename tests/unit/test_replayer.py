@@ -47,3 +47,13 @@ def test_replay_plan_keeps_each_users_totals_and_rising_amounts_per_listing(shar
         assert amounts == sorted(amounts)
     assert [bid.placed_at for bid in bids] == sorted(bid.placed_at for bid in bids)
     assert plan_bids(export.interactions, listings, windows, ANCHOR, seed=7) == bids
+
+
+def test_replay_plan_numbers_bids_after_those_already_in_the_database(shared_data) -> None:
+    export = read_export(shared_data / "encore" / "user_interaction.csv")
+    listings = plan_listings(export.interactions[:5])
+    windows = plan_windows(listings, ANCHOR, seed=7)
+
+    bids = plan_bids(export.interactions[:5], listings, windows, ANCHOR, seed=7, first_id=306)
+
+    assert [bid.id for bid in bids] == list(range(306, 306 + len(bids)))
