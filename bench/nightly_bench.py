@@ -3,8 +3,13 @@
 Synthetic traffic (``bench.traffic``) is landed in S3 as contract events,
 straight into ``landing/`` (the capture is measured on its own). Then:
 
-* ``wall_s``: the whole nightly job, read to publish, as the command line runs it
-  (evaluation and tuning included);
+* two nights, each in a fresh interpreter and JVM as on EMR, where every
+  night is a new ``spark-submit``: a night on a fresh bucket, which searches
+  the tuning grid, then a night an hour later on the same data, which reuses
+  that search (``reuse_*``; see ``als_tune_every_days``). For each: the
+  stages ``read``, ``evaluate``, ``fit``, ``score`` and ``publish``,
+  ``compute_s`` (read to score), ``wall_s`` (read to publish) and
+  ``session_s`` (starting Spark);
 * ``fit_score_s``: Spark ALS fitting the night's user x title matrix and scoring
   every user's top 10 (``batch.model``);
 * ``implicit_fit_score_s``: the reference, in the same run: the ``implicit``
@@ -16,13 +21,19 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import subprocess
+import sys
 import time
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
 import numpy as np
 
 from batch.publish import PUT_THREADS
+from batch.recommend import NIGHTLY_STAGES
 from bench.traffic import DAY, Shape, Traffic, generate
 from encore import events, layout
 from encore.settings import Settings
@@ -165,28 +176,78 @@ def raw_put_per_s(settings: Settings, body_bytes: int, count: int, threads: int)
     return count / (time.perf_counter() - started)
 
 
-def measure(spark: Any, settings: Settings, shape: Shape, users: int, seed: int) -> dict[str, Any]:
+def _night_and_report(overrides: str, now: str) -> None:
+    """The child's side of :func:`night_in_child`: one night, then one JSON line."""
     from batch.recommend import run_nightly
+    from local.spark import local_session
 
+    settings = Settings.load(**json.loads(overrides))
+    started = time.perf_counter()
+    spark = local_session(settings, "encore-bench-night")
+    session_s = time.perf_counter() - started
+    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
+    started = time.perf_counter()
+    summary = run_nightly(spark, base_uri, settings, now=datetime.fromisoformat(now))
+    wall_s = time.perf_counter() - started
+    spark.stop()
+    stages = summary["stage_seconds"]
+    report = {
+        "users": summary["users"],
+        "run_id": summary["run_id"],
+        "sample": list(summary["sample"]),
+        "reused": summary["evaluation"]["search"]["reused"],
+        "session_s": session_s,
+        "wall_s": wall_s,
+        "compute_s": sum(seconds for stage, seconds in stages.items() if stage != "publish"),
+        **{f"{stage}_s": seconds for stage, seconds in stages.items()},
+    }
+    print(json.dumps(report))
+
+
+def night_in_child(settings: Settings, now: datetime) -> dict[str, Any]:
+    """One nightly run in a fresh interpreter (a cold JVM, as every night on EMR)."""
+    script = (
+        "import sys\nfrom bench.nightly_bench import _night_and_report as night\n"
+        "night(sys.argv[1], sys.argv[2])"
+    )
+    overrides = {
+        "aws_endpoint_url": settings.aws_endpoint_url,
+        "bucket": settings.bucket,
+        "spark_shuffle_partitions": settings.spark_shuffle_partitions,
+    }
+    output = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(overrides), now.isoformat()],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def measure(spark: Any, settings: Settings, shape: Shape, users: int, seed: int) -> dict[str, Any]:
     traffic = generate(shape, users, seed)
     started = time.perf_counter()
     bids = land_traffic(settings, shape, traffic)
     land_s = time.perf_counter() - started
-    base_uri = layout.uri(settings.bucket, "", "s3a").rstrip("/")
-    started = time.perf_counter()
-    summary = run_nightly(spark, base_uri, settings, now=traffic.start + DAY)
-    wall_s = time.perf_counter() - started
+    searched = night_in_child(settings, traffic.start + DAY)
+    reused = night_in_child(settings, traffic.start + DAY + timedelta(hours=1))
+    if searched["reused"] or not reused["reused"]:
+        raise RuntimeError(f"expected a searching night, then a reusing one: {searched, reused}")
+    summary = {"run_id": reused["run_id"], "sample": reused["sample"]}
+    timings = ("session_s", "wall_s", "compute_s", *(f"{s}_s" for s in NIGHTLY_STAGES))
     return {
-        "users": summary["users"],
+        "users": searched["users"],
         "bids": bids,
         "land_s": land_s,
-        "wall_s": wall_s,
-        **{f"{stage}_s": seconds for stage, seconds in summary["stage_seconds"].items()},
-        "publish_docs_per_s": summary["users"] / summary["stage_seconds"]["publish"],
+        **{name: searched[name] for name in timings},
+        **{f"reuse_{name}": reused[name] for name in timings},
+        "publish_docs_per_s": searched["users"] / searched["publish_s"],
         "raw_put_per_s": raw_put_per_s(
             settings,
             _document_bytes(settings, summary),
-            min(summary["users"], RAW_PUTS),
+            min(searched["users"], RAW_PUTS),
             PUT_THREADS * int(spark.sparkContext.defaultParallelism),
         ),
         "fit_score_s": spark_fit_score(spark, traffic, settings),
