@@ -46,6 +46,7 @@ FIGURES = (
     "nightly.publish_docs_per_s",
     "nightly.raw_put_per_s",
     "nightly.fit_score_s",
+    "nightly.fit_score_cold_s",
     "nightly.implicit_fit_score_s",
 )
 
