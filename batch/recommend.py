@@ -214,6 +214,8 @@ def _published_search(
     try:
         manifest = publish.read_manifest(publish.s3_client(settings), bucket)
         previous = reusable_search(manifest, basis, now, settings.als_tune_every_days)
+        if previous:
+            AlsParams(**previous["params"])  # parameters that no longer fit are not reused
     except (BotoCoreError, ClientError, ValueError, KeyError, TypeError) as exc:
         logger.warning("cannot read the published night's search (%s): searching again", exc)
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -102,15 +103,27 @@ def test_the_published_nights_search_is_read_through_the_pointer() -> None:
     assert _published_search(settings, settings.bucket, basis, tonight)["params"] == CHOSEN  # type: ignore[index]
 
 
+def _broken(**changes: Any) -> bytes:
+    """A published manifest whose recorded search has ``changes``."""
+    evaluation = manifest()["evaluation"]
+    search = {**evaluation["search"], **changes.pop("search", {})}
+    return json.dumps({"evaluation": {**evaluation, "search": search, **changes}}).encode()
+
+
 @mock_aws
+@pytest.mark.parametrize(
+    "body",
+    [b"{", _broken(params={"rank": 8}), _broken(search={"at": "yesterday"})],
+    ids=["not JSON", "parameters that do not fit", "a time that is not one"],
+)
 def test_an_unreadable_published_manifest_means_a_new_search(
-    caplog: pytest.LogCaptureFixture,
+    body: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = SETTINGS.replace(aws_endpoint_url=None)
     s3 = boto3.client("s3", region_name=settings.aws_region)
     s3.create_bucket(Bucket=settings.bucket)
     s3.put_object(
-        Bucket=settings.bucket, Key="recommendations/runs/night-1/manifest.json", Body=b"{"
+        Bucket=settings.bucket, Key="recommendations/runs/night-1/manifest.json", Body=body
     )
     publish.switch_pointer(s3, settings.bucket, "night-1", "2026-06-01T03:00:00Z")
 
