@@ -228,7 +228,9 @@ def _load(args: argparse.Namespace) -> int:
         {
             "rows_read": load.export.rows_read,
             "rows_rejected": len(load.export.rejected),
+            "rows_merged": load.export.rows_merged,
             "rows_already_loaded": len(load.already_loaded),
+            "rows_loaded": len(load.export.interactions) - len(load.already_loaded),
             "rows_disagreeing": sum(not item.agrees for item in load.already_loaded),
             "rejects_file": str(load.rejects_path),
             "listings": len(load.listings),
@@ -238,18 +240,17 @@ def _load(args: argparse.Namespace) -> int:
             "landed": flow.landed,
         }
     )
-    return _say_skipped(args.export, len(load.export.interactions), load.already_loaded)
+    return _say_skipped(args.export, load.already_loaded)
 
 
-def _say_skipped(export: Path, rows: int, already_loaded: list[AlreadyLoaded]) -> int:
+def _say_skipped(export: Path, already_loaded: list[AlreadyLoaded]) -> int:
     """Name the rows of ``export`` that were loaded before and so skipped; exit code 1 when
     some disagree with the bids the database holds for them."""
     if not already_loaded:
         return EXIT_OK
-    skipped = len(already_loaded)
     print(
-        f"encore load: {skipped} of {rows} rows of {export} were already loaded (their "
-        f"bidder has bids on their listing): skipped; {rows - skipped} new rows loaded",
+        f"encore load: {len(already_loaded)} rows of {export} were already loaded (their "
+        "bidder has bids on their listing): skipped (rows_already_loaded)",
         file=sys.stderr,
     )
     disagreeing = [item for item in already_loaded if not item.agrees]
@@ -278,6 +279,11 @@ def _url(args: argparse.Namespace) -> int:
     from cli import operate
     from lambdas.presign.handler import presigned_url_for_user
 
+    if not args.user_id.strip():
+        print(
+            "encore url: the user id is empty: give a user's id (the export's uid)", file=sys.stderr
+        )
+        return EXIT_ERROR
     settings = operate.current().settings
     answer = presigned_url_for_user(settings, args.user_id, args.expires_in)
     try:

@@ -7,7 +7,10 @@ and handled here, never by editing the file:
 * misspelled headers (``catagory``, ``sub_catagory``) are mapped to names;
 * trailing spaces in titles and handles are trimmed, and so is a CR/LF inside
   a quoted field (``"Designer Toys\\r\\n"``); rows that become equal after
-  trimming are merged by adding their counts and totals;
+  trimming are merged by adding their counts and totals (``rows_merged``);
+* a record that repeats an earlier loaded one field for field is rejected: the
+  export has one row per user, title and price, so an exact copy is an
+  accident (a file appended twice), and adding it would double those bids;
 * every field is quoted, and a quoted field may hold a newline, so records are
   read with the ``csv`` module and numbered by the line they start on.
 
@@ -120,6 +123,8 @@ class Export:
     interactions: list[Interaction] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     rows_read: int = 0
+    #: Rows added to an earlier row that equals them after trimming.
+    rows_merged: int = 0
     header: tuple[str, ...] = ()
 
     @property
@@ -192,6 +197,8 @@ def parse_export(
 ) -> Export:
     export = Export(source=source)
     merged: dict[tuple[str, str, str, str, Decimal], Interaction] = {}
+    #: The line of each record loaded, by its fields as written.
+    loaded_at: dict[tuple[str, ...], int] = {}
     records = _numbered_records(handle, on_progress)
 
     try:
@@ -217,6 +224,12 @@ def parse_export(
         export.rows_read += 1
         try:
             row = _interaction(dict(zip(columns, fields, strict=False)), len(fields), len(columns))
+            first = loaded_at.setdefault(tuple(fields), line)
+            if first != line:
+                raise ValueError(
+                    f"repeats line {first} field for field (the export has one row per user, "
+                    "title and price)"
+                )
         except ValueError as exc:
             reason = renamed.sub(
                 lambda match: in_file.get(match.group(1), match.group(1)), str(exc)
@@ -227,6 +240,7 @@ def parse_export(
         key = (row.user_id, *row.listing_key)
         earlier = merged.get(key)
         if earlier is not None:
+            export.rows_merged += 1
             row = Interaction(
                 **{
                     **earlier.__dict__,

@@ -1,4 +1,5 @@
-"""``encore load`` names a path that is not an export file, before it needs a stack."""
+"""`encore load` names a path that is not an export file, and `encore url` an empty user id,
+before either needs a stack."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def test_load_names_a_path_that_is_not_a_file(
     assert code == EXIT_ERROR
     assert f"{tmp_path / name} {said}: pass the path of the marketplace's CSV export" in error
     assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("user_id", ["", "  "])
+def test_url_refuses_an_empty_user_id(capsys: pytest.CaptureFixture[str], user_id: str) -> None:
+    code = main(["url", user_id])
+
+    assert code == EXIT_ERROR
+    assert "the user id is empty" in capsys.readouterr().err

@@ -83,6 +83,21 @@ def test_loader_merges_rows_that_are_equal_after_trimming() -> None:
 
     (row,) = export.interactions
     assert (row.bid_count, row.bid_total) == (3, Decimal(12))
+    assert export.rows_merged == 1
+
+
+def test_loader_rejects_a_row_that_repeats_an_earlier_one_exactly() -> None:
+    export = parse(
+        '"u1","a","Toys","Funko","Print","1","1","5"\n'
+        '"u2","b","Toys","Funko","Print","1","1","3"\n'
+        '"u1","a","Toys","Funko","Print","1","1","5"\n'
+    )
+
+    assert [(row.user_id, row.bid_count) for row in export.interactions] == [("u1", 1), ("u2", 1)]
+    (rejected,) = export.rejected
+    assert rejected.line == 4
+    assert rejected.reason.startswith("repeats line 2 field for field")
+    assert export.rows_merged == 0
 
 
 def test_loader_refuses_an_export_without_the_expected_header() -> None:
