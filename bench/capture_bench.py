@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import resource
 import select
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg2
 from psycopg2.extras import LogicalReplicationConnection
 
+from bench import child
+from bench.child import run_in_child
 from encore import events
 from encore.settings import Settings
 
@@ -154,14 +153,11 @@ def _drain_and_report(overrides: str) -> None:
         "cpu_seconds": time.process_time() - cpu_started,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    print(json.dumps(report))
+    child.report(report)
 
 
 def drain_in_child(settings: Settings) -> dict[str, Any]:
     """Run the capture until drained in a fresh interpreter; returns its counts and peak RSS."""
-    script = (
-        "import sys\nfrom bench.capture_bench import _drain_and_report as drain\ndrain(sys.argv[1])"
-    )
     overrides = {
         "aws_endpoint_url": settings.aws_endpoint_url,
         "database_dsn": settings.database_dsn,
@@ -169,15 +165,7 @@ def drain_in_child(settings: Settings) -> dict[str, Any]:
         "bucket": settings.bucket,
         "slot_name": settings.slot_name,
     }
-    output = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(overrides)],
-        cwd=Path(__file__).resolve().parents[1],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    return result
+    return run_in_child("bench.capture_bench:_drain_and_report", json.dumps(overrides))
 
 
 def measure(settings: Settings, changes: int) -> dict[str, Any]:

@@ -23,11 +23,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -35,6 +32,8 @@ import numpy as np
 
 from batch.publish import PUT_THREADS
 from batch.recommend import NIGHTLY_STAGES
+from bench import child
+from bench.child import run_in_child
 from bench.traffic import DAY, Shape, Traffic, generate
 from encore import events, layout
 from encore.settings import Settings
@@ -207,29 +206,19 @@ def _night_and_report(overrides: str, now: str) -> None:
         "compute_s": sum(seconds for stage, seconds in stages.items() if stage != "publish"),
         **{f"{stage}_s": seconds for stage, seconds in stages.items()},
     }
-    print(json.dumps(report))
+    child.report(report)
 
 
 def night_in_child(settings: Settings, now: datetime) -> dict[str, Any]:
     """One nightly run in a fresh interpreter (a cold JVM, as every night on EMR)."""
-    script = (
-        "import sys\nfrom bench.nightly_bench import _night_and_report as night\n"
-        "night(sys.argv[1], sys.argv[2])"
-    )
     overrides = {
         "aws_endpoint_url": settings.aws_endpoint_url,
         "bucket": settings.bucket,
         "spark_shuffle_partitions": settings.spark_shuffle_partitions,
     }
-    output = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(overrides), now.isoformat()],
-        cwd=Path(__file__).resolve().parents[1],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    ).stdout
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    return result
+    return run_in_child(
+        "bench.nightly_bench:_night_and_report", json.dumps(overrides), now.isoformat()
+    )
 
 
 def measure(spark: Any, settings: Settings, shape: Shape, users: int, seed: int) -> dict[str, Any]:

@@ -100,7 +100,9 @@ def test_the_published_nights_search_is_read_through_the_pointer() -> None:
     assert _published_search(settings, settings.bucket, basis, tonight) is None
     publish.put_json(s3, settings.bucket, "recommendations/runs/night-1/manifest.json", manifest())
     publish.switch_pointer(s3, settings.bucket, "night-1", "2026-06-01T03:00:00Z")
-    assert _published_search(settings, settings.bucket, basis, tonight)["params"] == CHOSEN  # type: ignore[index]
+    reused = _published_search(settings, settings.bucket, basis, tonight)
+    assert reused is not None
+    assert reused["params"] == CHOSEN
 
 
 def _broken(**changes: Any) -> bytes:
