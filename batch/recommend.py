@@ -88,11 +88,11 @@ def run_nightly(
 
     clock = _Clock(on_stage)
     landed = landing.load_landed(spark, base_uri)
-    cached: list[DataFrame] = []
+    keep = Kept(spark)
     try:
         # The night's models (tuning candidates included) leave nothing in the heap.
         with model.releasing_factors(spark):
-            tables = _tables(landed, settings, cached)
+            tables = _tables(landed, settings, keep)
             clock.lap("read")
             scores = _evaluate(tables, settings, bucket, run_id, now)
             params = AlsParams(**scores["params"])
@@ -100,8 +100,8 @@ def run_nightly(
             fitted = model.fit(tables.indexed, params)
             clock.lap("fit")
 
-            live = _cache(cached, ranking.live_listings(landed.listings, landed.bids, now))
-            documents = _cache(cached, _documents(fitted, tables, landed, live, settings, cached))
+            live = keep(ranking.live_listings(landed.listings, landed.bids, now))
+            documents = keep(_documents(fitted, tables, landed, live, settings, keep))
             counts = _counts(landed.counts, tables, live, documents)
             sample = _sample(documents)
             clock.lap("score")
@@ -113,8 +113,7 @@ def run_nightly(
             _publish(documents, manifest, settings, bucket, run_id, generated_at)
             clock.lap("publish")
     finally:
-        for frame in cached:
-            frame.unpersist()
+        keep.release()
         landed.release()
 
     summary = {
@@ -252,7 +251,7 @@ class _Clock:
 
 @dataclass
 class Tables:
-    """The night's working tables, all cached.
+    """The night's working tables, all kept (:class:`Kept`).
 
     ``bids``: usable bids with their items; ``pairs``: one row per (user,
     item) with its confidence; ``users`` and ``items``: the dense ids;
@@ -267,18 +266,42 @@ class Tables:
     indexed: DataFrame
 
 
-def _cache(cached: list[DataFrame], frame: DataFrame) -> DataFrame:
-    cached.append(frame.cache())
-    return frame
+class Kept:
+    """Frames computed once and kept for the rest of the night, their plans cut short.
+
+    ``keep(frame)`` computes ``frame`` now and returns a frame that reads the
+    stored rows (Spark's ``localCheckpoint``); :meth:`release` frees them all.
+    A cached frame would keep the whole plan that made it, and every frame
+    built on it would repeat that plan: by the time the night ranks its lists
+    the plans hold the landed CSV read and its windows many times over, and
+    Spark spent seconds only analysing them. The price: a kept partition lost
+    with its executor cannot be rebuilt, so losing an executor fails the
+    night, before the pointer moves (the published night stays).
+    """
+
+    def __init__(self, spark: SparkSession) -> None:
+        self._context = spark.sparkContext._jsc
+        self._rdds: list[Any] = []
+
+    def __call__(self, frame: DataFrame) -> DataFrame:
+        before = set(self._context.getPersistentRDDs().keySet())
+        kept = frame.localCheckpoint(eager=True)
+        persisted = self._context.getPersistentRDDs()
+        self._rdds.extend(persisted.get(rdd_id) for rdd_id in set(persisted.keySet()) - before)
+        return kept
+
+    def release(self) -> None:
+        for rdd in self._rdds:
+            rdd.unpersist(False)
+        self._rdds.clear()
 
 
-def _tables(landed: landing.Landed, settings: Settings, cached: list[DataFrame]) -> Tables:
-    bids = _cache(cached, item_bids(landed.bids, landed.listings))
-    pairs = _cache(cached, interactions(bids, settings, landed.last_event_at))
-    users = _cache(cached, dense_index(pairs, ["user_id"], "user_idx"))
-    items = _cache(cached, dense_index(pairs, ITEM_COLUMNS, "item_idx"))
-    indexed = _cache(
-        cached,
+def _tables(landed: landing.Landed, settings: Settings, keep: Kept) -> Tables:
+    bids = keep(item_bids(landed.bids, landed.listings))
+    pairs = keep(interactions(bids, settings, landed.last_event_at))
+    users = keep(dense_index(pairs, ["user_id"], "user_idx"))
+    items = keep(dense_index(pairs, ITEM_COLUMNS, "item_idx"))
+    indexed = keep(
         pairs.join(users, "user_id")
         .join(items, list(ITEM_COLUMNS))
         .select("user_idx", "item_idx", "confidence", F.col("first_bid_at").alias("at")),
@@ -294,19 +317,19 @@ def _documents(
     landed: landing.Landed,
     live: DataFrame,
     settings: Settings,
-    cached: list[DataFrame],
+    keep: Kept,
 ) -> DataFrame:
     """One row per user: ``user_id``, ``source``, ``items`` (best first)."""
     size = settings.recs_per_user
-    won = _cache(cached, ranking.won_items(tables.bids, landed.listings))
+    won = keep(ranking.won_items(tables.bids, landed.listings))
 
     per_user = tables.pairs.groupBy("user_id").agg(F.count(F.lit(1)).alias("_items"))
     eligible = tables.users.join(
         per_user.filter(F.col("_items") >= MIN_ALS_INTERACTIONS).select("user_id"), "user_id"
     )
-    # Cached: both the lists and the choice of who falls back read it.
-    als_picks = _cache(
-        cached, ranking.als_picks(fitted, eligible, tables.users, tables.items, live, won, size)
+    # Kept: both the lists and the choice of who falls back read it.
+    als_picks = keep(
+        ranking.als_picks(fitted, eligible, tables.users, tables.items, live, won, size)
     )
 
     fallback_users = tables.users.select("user_id").join(

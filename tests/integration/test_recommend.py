@@ -34,10 +34,11 @@ from conftest_recommend import (
     marketplace_fixture,  # noqa: F401 - registers the fixture
     recommend_settings_fixture,  # noqa: F401 - registers the fixture
 )
+from pyspark.sql import functions as F
 
 from batch import evaluation, model, publish, ranking
 from batch.model import AlsParams
-from batch.recommend import NIGHTLY_STAGES, evaluate_bid_log, run_nightly
+from batch.recommend import NIGHTLY_STAGES, Kept, evaluate_bid_log, run_nightly
 from encore import layout
 from encore.settings import Settings
 from lambdas.presign.handler import presigned_url_for_user
@@ -392,6 +393,22 @@ def test_the_factors_of_models_fitted_in_a_night_are_released(spark: Any) -> Non
 
     assert len(inside) == 2  # the user and the item factors
     assert factor_rdds() == before
+
+
+def test_kept_frames_read_their_rows_without_their_plan_and_are_released(spark: Any) -> None:
+    context = spark.sparkContext._jsc
+    before = set(context.getPersistentRDDs().keySet())
+    frame = spark.range(1000).withColumn("half", F.col("id") % 2).groupBy("half").count()
+    keep = Kept(spark)
+
+    kept = keep(frame)
+
+    assert sorted(map(tuple, kept.collect())) == [(0, 500), (1, 500)]
+    plan = kept._jdf.queryExecution().analyzed().toString()
+    assert "Aggregate" not in plan and "Range" not in plan
+    assert set(context.getPersistentRDDs().keySet()) - before  # the rows are stored
+    keep.release()
+    assert set(context.getPersistentRDDs().keySet()) == before
 
 
 def test_ids_beyond_32_bits_come_back_unchanged(first_night: dict[str, Any]) -> None:
