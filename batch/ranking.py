@@ -31,12 +31,17 @@ Rules for every list
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections.abc import Iterable, Iterator
 from datetime import datetime
+from functools import partial
+from typing import Any
 
 from pyspark.ml.recommendation import ALSModel
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame, Row, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
 
 from batch import model
 from batch.interactions import ITEM_COLUMNS
@@ -226,12 +231,16 @@ def popularity_picks(
     represented by its most-bid live listing, and ``score`` is that listing's
     bid count. Returns the same columns as :func:`als_picks`.
 
-    The rules are applied to narrow rows (user, listing, score), of which
-    there are dozens per user; only the chosen entries are joined to their
-    listings. A listing in both a category's top and the global top is kept
-    once, at its best tier.
+    The candidates are few: the ``size * CANDIDATE_FACTOR`` best of each
+    category and overall. They are collected and sent to the Python workers,
+    which walk each user's categories' lists merged in order, then the global
+    list, and keep the first ``size`` that are neither the user's own nor won
+    by them, each listing once, at its best tier. Users reach the workers with
+    their categories and won listings as arrays, so no row is made per user
+    and candidate.
     """
     depth = size * CANDIDATE_FACTOR
+    spark = users.sparkSession
     per_item = Window.partitionBy(*ITEM_COLUMNS).orderBy(*_popular_order())
     best_listings = (
         live.withColumn("score", F.col("listing_bids").cast("double"))
@@ -239,58 +248,118 @@ def popularity_picks(
         .filter("_n = 1")
         .drop("_n")
     )
-    ranked = ("listing_id", "seller_id", "score", "ends_at")
+    candidate = (
+        "listing_id",
+        "seller_id",
+        "score",
+        F.unix_micros("ends_at").alias("ends_us"),
+    )
     in_category = Window.partitionBy("category").orderBy(*_popular_order())
     category_top = (
         best_listings.withColumn("_n", F.row_number().over(in_category))
         .filter(F.col("_n") <= depth)
-        .select("category", *ranked)
+        .select("category", *candidate)
     )
     global_top = (
         best_listings.withColumn("_n", F.row_number().over(Window.orderBy(*_popular_order())))
         .filter(F.col("_n") <= depth)
-        .select(*ranked)
+        .select(*candidate)
     )
-    by_category = (
-        users.join(user_categories, "user_id")
-        .join(F.broadcast(category_top), "category")
-        .select("user_id", *ranked, F.lit(TIER_CATEGORY).alias("tier"))
+    by_category: dict[str, list[_Candidate]] = {}
+    for row in category_top.collect():
+        by_category.setdefault(row["category"], []).append(_candidate(row))
+    lists = (
+        {category: sorted(found) for category, found in by_category.items()},
+        sorted(_candidate(row) for row in global_top.collect()),
     )
-    overall = users.crossJoin(F.broadcast(global_top)).select(
-        "user_id", *ranked, F.lit(TIER_GLOBAL).alias("tier")
+
+    won_listings = (
+        won.join(best_listings.select(*ITEM_COLUMNS, "listing_id"), list(ITEM_COLUMNS))
+        .groupBy("user_id")
+        .agg(F.collect_list("listing_id").alias("_won"))
     )
-    won_listings = won.join(
-        best_listings.select(*ITEM_COLUMNS, "listing_id"), list(ITEM_COLUMNS)
-    ).select("user_id", "listing_id")
-    allowed = (
-        by_category.unionByName(overall)
-        .filter(F.col("seller_id").isNull() | (F.col("seller_id") != F.col("user_id")))
-        .join(won_listings, ["user_id", "listing_id"], "left_anti")
-        .groupBy("user_id", "listing_id", "score", "ends_at")
-        .agg(F.min("tier").alias("tier"))
+    categories = user_categories.groupBy("user_id").agg(
+        F.collect_set("category").alias("_categories")
     )
-    per_user = Window.partitionBy("user_id").orderBy(*_list_order())
-    listed = allowed.withColumn("position", F.row_number().over(per_user)).filter(
-        F.col("position") <= size
+    asking = (
+        users.select("user_id")
+        .join(categories, "user_id", "left")
+        .join(won_listings, "user_id", "left")
+        .select("user_id", "_categories", "_won")
     )
-    details = live.select(*LISTING_COLUMNS, "listing_bids").drop("ends_at")
+    schema = StructType(
+        [
+            StructField("user_id", users.schema["user_id"].dataType, False),
+            StructField("listing_id", live.schema["listing_id"].dataType, False),
+            StructField("score", DoubleType(), False),
+            StructField("tier", IntegerType(), False),
+            StructField("position", IntegerType(), False),
+        ]
+    )
+    shared = spark.sparkContext.broadcast(lists)
+    listed = asking.mapInArrow(partial(_popular_batches, shared, size, schema), schema)
+    details = live.select(*LISTING_COLUMNS, "listing_bids")
     return listed.join(F.broadcast(details), "listing_id").select(
         "user_id", *LISTING_COLUMNS, "listing_bids", "score", "tier", "position"
     )
 
 
+#: A popularity candidate: its sort key (most bids, then soonest end, then listing id),
+#: listing id, seller id and score. Sorting candidates sorts them best first.
+_Candidate = tuple[tuple[float, bool, int, Any], Any, Any, float]
+
+
+def _candidate(row: Row) -> _Candidate:
+    ends = row["ends_us"]
+    key = (-row["score"], ends is None, ends or 0, row["listing_id"])
+    return key, row["listing_id"], row["seller_id"], row["score"]
+
+
+def _popular_batches(
+    shared: Any, size: int, schema: StructType, batches: Iterable[Any]
+) -> Iterator[Any]:
+    """Arrow batches of (user, categories, won listings) in; their popular lists out."""
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    arrow_schema = to_arrow_schema(schema)
+    by_category, overall = shared.value
+    for batch in batches:
+        columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        rows = zip(*(column.to_pylist() for column in batch.columns), strict=True)
+        for user, user_categories, won in rows:
+            in_categories = (by_category.get(category, ()) for category in user_categories or ())
+            tiers = ((TIER_CATEGORY, heapq.merge(*in_categories)), (TIER_GLOBAL, iter(overall)))
+            _popular_list(columns, user, set(won or ()), tiers, size)
+        yield pa.RecordBatch.from_pydict(columns, schema=arrow_schema)
+
+
+def _popular_list(
+    columns: dict[str, list[Any]],
+    user: Any,
+    won: set[Any],
+    tiers: Iterable[tuple[int, Iterator[_Candidate]]],
+    size: int,
+) -> None:
+    """Append ``user``'s list to ``columns``: the first ``size`` allowed candidates by tier."""
+    seen: set[Any] = set()
+    for tier, candidates in tiers:
+        for _, listing, seller, score in candidates:
+            if len(seen) == size:
+                return
+            if listing in seen or listing in won or (seller is not None and seller == user):
+                continue
+            seen.add(listing)
+            columns["user_id"].append(user)
+            columns["listing_id"].append(listing)
+            columns["score"].append(score)
+            columns["tier"].append(tier)
+            columns["position"].append(len(seen))
+
+
 def _popular_order() -> list[Column]:
     return [
         F.col("listing_bids").desc(),
-        F.col("ends_at").asc_nulls_last(),
-        F.col("listing_id"),
-    ]
-
-
-def _list_order() -> list[Column]:
-    return [
-        F.col("tier"),
-        F.col("score").desc(),
         F.col("ends_at").asc_nulls_last(),
         F.col("listing_id"),
     ]
