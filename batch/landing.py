@@ -243,11 +243,15 @@ def latest_bids(unique: DataFrame) -> DataFrame:
 
 
 def _checked_bids(bids: DataFrame, listings: DataFrame) -> DataFrame:
-    """``bids`` with ``_known``: true when a listing event names the bid's listing and its title."""
+    """``bids`` with ``_known``: true when a listing event names the bid's listing and its title.
+
+    The listing ids are broadcast: they are a few bytes per listing, and the
+    bids, many times more, then stay where they are instead of being shuffled.
+    """
     titled = listings.filter(F.col("title").isNotNull()).select(
         "listing_id", F.lit(True).alias("_known")
     )
-    return bids.join(titled, "listing_id", "left")
+    return bids.join(F.broadcast(titled), "listing_id", "left")
 
 
 def _bid_counts(checked: DataFrame) -> dict[str, int]:

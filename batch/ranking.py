@@ -52,7 +52,8 @@ SOURCE_ALS = "als"
 SOURCE_CATEGORY = "popular-category"
 SOURCE_GLOBAL = "popular-global"
 TIER_ALS, TIER_CATEGORY, TIER_GLOBAL = 0, 1, 2
-#: Candidates fetched per user beyond the list length, to survive the rules.
+#: Popularity candidates per category and overall, as a multiple of the list length,
+#: so that a list survives the rules.
 CANDIDATE_FACTOR = 3
 
 LISTING_COLUMNS = ("listing_id", "seller_id", *ITEM_COLUMNS, "price", "ends_at")
@@ -107,13 +108,13 @@ def als_picks(
     columns and ``item_idx``; ``won`` as :func:`won_items` gives it.
 
     The rules are applied on integer ids while the items are scored, so the
-    millions of scored candidates are never joined to strings: won items are
-    excluded before the best ``size * CANDIDATE_FACTOR`` are chosen, every
-    item has one row of :func:`listing_choices`, and the user's own listing
-    gives way to the soonest of another seller. Only the chosen entries are
-    joined to their listings.
+    scored candidates are never joined to strings. Before the best ``size``
+    are chosen, a user's won items are excluded, and so are the items whose
+    only live listings are the user's own. Every other item has a listing the
+    user may get (one row of :func:`listing_choices`: the user's own listing
+    gives way to the soonest of another seller), so the best ``size`` items
+    make the whole list. Only the chosen entries are joined to their listings.
     """
-    depth = size * CANDIDATE_FACTOR
     choices = (
         listing_choices(live)
         .join(items, list(ITEM_COLUMNS))
@@ -134,20 +135,25 @@ def als_picks(
         )
     )
     won_ids = (
-        won.join(items, list(ITEM_COLUMNS))
-        .join(users, "user_id")
+        won.join(items, list(ITEM_COLUMNS)).join(users, "user_id").select("user_idx", "item_idx")
+    )
+    only_own = choices.filter(
+        F.col("other_listing").isNull() & F.col("_seller_idx").isNotNull()
+    ).select(F.col("_seller_idx").alias("user_idx"), "item_idx")
+    excluded = (
+        won_ids.unionByName(only_own)
         .groupBy("user_idx")
-        .agg(F.collect_list("item_idx").alias("_won"))
+        .agg(F.collect_list("item_idx").alias("_excluded"))
     )
     user_factors = (
         fitted.userFactors.withColumnRenamed("id", "user_idx")
         .join(users.select("user_idx"), "user_idx")
-        .join(won_ids, "user_idx", "left")
+        .join(excluded, "user_idx", "left")
     )
     item_factors = fitted.itemFactors.withColumnRenamed("id", "item_idx").join(
         choices.select("item_idx"), "item_idx"
     )
-    scored = model.top_k(user_factors, item_factors, depth, exclude="_won")
+    scored = model.top_k(user_factors, item_factors, size, exclude="_excluded")
 
     own = F.col("_seller_idx").eqNullSafe(F.col("user_idx"))
     chosen = (
@@ -163,9 +169,7 @@ def als_picks(
     per_user = Window.partitionBy("user_idx").orderBy(
         F.col("score").desc(), F.col("_ends").asc_nulls_last(), F.col("_id")
     )
-    listed = chosen.withColumn("position", F.row_number().over(per_user)).filter(
-        F.col("position") <= size
-    )
+    listed = chosen.withColumn("position", F.row_number().over(per_user))
     details = live.select(*LISTING_COLUMNS, "listing_bids")
     return (
         listed.join(users, "user_idx")

@@ -346,7 +346,7 @@ def test_an_als_list_skips_won_items_and_gives_own_listings_way(spark: Any) -> N
     )
 
     picked = ranking.als_picks(fitted, users, everyone, items, live, won, size=1)
-    # size 1 keeps a depth of CANDIDATE_FACTOR items: A, then C and D once B is excluded.
+    # B is won; C's only live listing is the user's own, so it is never a candidate.
     listed = ranking.als_picks(fitted, users, everyone, items, live, won, size=3)
 
     assert [(row["listing_id"], row["position"]) for row in picked.collect()] == [("a-other", 1)]
