@@ -109,7 +109,8 @@ def releasing_factors(spark: SparkSession) -> Iterator[None]:
     night fits several models (the tuning candidates, the evaluation's and the
     final one); without this their factors would stay in the heap for as long
     as the JVM lives, and a second night in the same JVM would start short of
-    memory. The factor RDDs are found among the RDDs persisted inside the block.
+    memory. The factor RDDs are found among the RDDs persisted inside the block;
+    the block ends once their blocks are gone (see :meth:`batch.recommend.Kept.release`).
     """
     context = spark.sparkContext._jsc
     before = set(context.getPersistentRDDs().keySet())
@@ -120,7 +121,7 @@ def releasing_factors(spark: SparkSession) -> Iterator[None]:
         for rdd_id in set(persisted.keySet()) - before:
             rdd = persisted.get(rdd_id)
             if rdd is not None and rdd.name() in FACTOR_RDDS:
-                rdd.unpersist(False)
+                rdd.unpersist(True)
 
 
 def top_k(users: DataFrame, items: DataFrame, k: int, exclude: str | None = None) -> DataFrame:

@@ -291,8 +291,10 @@ class Kept:
         return kept
 
     def release(self) -> None:
+        # Waits for the blocks to go: a removal still in flight when the session stops
+        # ends in a page of RejectedExecutionException traces on stderr.
         for rdd in self._rdds:
-            rdd.unpersist(False)
+            rdd.unpersist(True)
         self._rdds.clear()
 
 
