@@ -119,7 +119,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     export = args.export or Path(os.environ.get("ENCORE_EXPORT", demo.DEFAULT_EXPORT))
     if not export.exists():
-        raise FileNotFoundError(f"no export at {export}: pass --export PATH")
+        raise FileNotFoundError(
+            f"no export at {export}: the bundled data sits beside the checkout, in "
+            "../shared/data; pass --export PATH, or set ENCORE_EXPORT (with make demo)"
+        )
     try:
         progress = sys.stderr if args.json else sys.stdout
         summary = demo.run_demo(export, say=lambda line: print(line, file=progress, flush=True))

@@ -38,8 +38,6 @@ from encore import events, layout
 from encore.settings import Settings
 from infra.provision import provision
 
-EXPORT = Path(__file__).resolve().parents[3] / "shared" / "data" / "encore" / "user_interaction.csv"
-BID_LOG = Path(__file__).resolve().parents[3] / "shared" / "data" / "ebay_auctions" / "auction.csv"
 ANCHOR = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 RUN_NOW = ANCHOR + timedelta(minutes=5)
 FIRST_LISTING_ID = 10_000_000_000
@@ -86,7 +84,7 @@ def _clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def read_export(path: Path = EXPORT) -> list[dict[str, Any]]:
+def read_export(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return [
@@ -110,10 +108,10 @@ def _split(total: Decimal, count: int) -> list[Decimal]:
     return [Decimal(max(share, 1)) * CENT for share in shares]
 
 
-def build_marketplace(seed: int = 7) -> Marketplace:
+def build_marketplace(export: Path, seed: int = 7) -> Marketplace:
     rng = random.Random(seed)
     market = Marketplace()
-    rows = read_export()
+    rows = read_export(export)
     keys = sorted({(r["category"], r["sub_category"], r["title"], r["price"]) for r in rows})
     listing_ids = {key: str(FIRST_LISTING_ID + number) for number, key in enumerate(keys)}
     windows = {}
@@ -304,8 +302,8 @@ def land(settings: Settings, lines: list[bytes], files: int, hour: datetime, tag
 
 
 @pytest.fixture(scope="module", name="marketplace")
-def marketplace_fixture() -> Marketplace:
-    return build_marketplace()
+def marketplace_fixture(shared_data: Path) -> Marketplace:
+    return build_marketplace(shared_data / "encore" / "user_interaction.csv")
 
 
 @pytest.fixture(scope="module", name="recommend_settings")
