@@ -51,9 +51,11 @@ from batch.interactions import ITEM_COLUMNS, dense_index, interactions, item_bid
 from batch.landing import LandingError
 from batch.model import AlsParams
 from encore import layout
+from encore.output import output_logger
 from encore.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
+output = output_logger(__name__)
 
 __all__ = ["evaluate_bid_log", "main", "run_nightly"]
 
@@ -498,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         spark.stop()
-    print(json.dumps(summary, indent=2, default=str))
+    output.info("%s", json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from encore.output import output_logger
+
 ROOT = Path(__file__).resolve().parents[1]
+output = output_logger(__name__)
 
 
 def run_in_child(function: str, *args: str) -> dict[str, Any]:
@@ -34,4 +37,4 @@ def run_in_child(function: str, *args: str) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     """The child's side: its result as the last line of standard output."""
-    print(json.dumps(result), flush=True)
+    output.info("%s", json.dumps(result))

@@ -29,12 +29,14 @@ from typing import Any
 from bench import capture_bench, landing_bench, nightly_bench, popularity_bench, traffic
 from cli.pipeline import prepare_database
 from cli.stack import use_local_credentials
+from encore.output import output_logger
 from encore.settings import Settings
 from infra.provision import provision
 from local.services import LocalPostgres, MotoServer, free_port
 
 STAGES = ("capture", "landing", "popularity", "nightly")
 RESULTS = Path(__file__).resolve().parent / "results"
+output = output_logger(__name__)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -197,7 +199,9 @@ def _write_report(args: argparse.Namespace, figures: dict[str, Any], complete: b
     (args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
     table = markdown(report)
     (args.out / "latest.md").write_text(table)
-    print(table if complete else table + "\n(incomplete: a stage failed; see the error above)")
+    output.info(
+        "%s", table if complete else table + "\n(incomplete: a stage failed; see the error above)"
+    )
 
 
 def _stage_of(figure: str) -> str:

@@ -42,10 +42,12 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from encore.output import output_logger
 from encore.settings import Settings, SettingsError
 from infra import package
 
 logger = logging.getLogger(__name__)
+output = output_logger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parent / "template.yaml"
 TEMPLATE_BODY_LIMIT = 51_200
@@ -517,7 +519,7 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.purge_bucket and not args.delete:
-        print("--purge-bucket goes with --delete", file=sys.stderr)
+        output.error("--purge-bucket goes with --delete")
         return 2
     code_prefix = args.code_prefix if args.code_prefix.endswith("/") else args.code_prefix + "/"
 
@@ -526,14 +528,14 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
         clients = clients or AwsClients.for_settings(settings)
         if args.delete:
             delete(clients, args.stack, purge_bucket=args.purge_bucket, poll_s=args.poll_seconds)
-            print(f"stack {args.stack} deleted")
+            output.info("stack %s deleted", args.stack)
             return 0
         if args.start_popularity:
             stack = describe_stack(clients.cloudformation, args.stack)
             if stack is None:
                 raise DeployError(f"there is no stack {args.stack}: deploy it first")
             run_id = start_popularity(clients.emr, outputs_of(stack), args.popularity_options)
-            print(f"popularity job started: job run {run_id}")
+            output.info("popularity job started: job run %s", run_id)
             return 0
         outputs = deploy(
             clients,
@@ -544,15 +546,15 @@ def main(argv: Sequence[str] | None = None, clients: AwsClients | None = None) -
             poll_s=args.poll_seconds,
         )
     except (DeployError, SettingsError, package.PackagingError, ClientError) as exc:
-        print(f"deploy failed: {exc}", file=sys.stderr)
+        output.error("deploy failed: %s", exc)
         return 2
     except StackFailed as exc:
-        print(f"deploy failed: {exc}", file=sys.stderr)
+        output.error("deploy failed: %s", exc)
         return 1
 
     for key, value in sorted(outputs.items()):
-        print(f"{key}: {value}")
-    print(f"stack {args.stack} is deployed ({len(outputs)} outputs)")
+        output.info("%s: %s", key, value)
+    output.info("stack %s is deployed (%d outputs)", args.stack, len(outputs))
     return 0
 
 

@@ -34,7 +34,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from encore.output import output_logger
+
 logger = logging.getLogger(__name__)
+output = output_logger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUILD_DIR = ROOT / "build"
@@ -320,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         artifacts = build(args.build_dir)
     except PackagingError as exc:
-        print(f"packaging failed: {exc}", file=sys.stderr)
+        output.error("packaging failed: %s", exc)
         return 2
     summary = {
         name: {
@@ -330,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         for name, artifact in artifacts.items()
     }
-    print(json.dumps(summary, indent=1))
+    output.info("%s", json.dumps(summary, indent=1))
     return 0
 
 

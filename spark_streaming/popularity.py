@@ -46,10 +46,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from encore import layout
+from encore.output import output_logger
 from encore.settings import Settings, SettingsError
 from spark_streaming import feeds, landing, state
 
 logger = logging.getLogger(__name__)
+output = output_logger(__name__)
 
 
 class PopularityError(RuntimeError):
@@ -374,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PopularityError as exc:
         logger.error("%s", exc)
         return 1
-    print(json.dumps({key: value for key, value in summary.items() if key != "top"}, indent=1))
+    output.info(
+        "%s", json.dumps({key: value for key, value in summary.items() if key != "top"}, indent=1)
+    )
     return 0
 
 

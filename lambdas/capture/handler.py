@@ -19,6 +19,7 @@ import boto3
 import psycopg2
 from psycopg2.extensions import make_dsn
 
+from encore.output import output_logger
 from encore.settings import Settings, redact_dsn
 from lambdas import json_logging
 from lambdas.capture.capture import Capture, CaptureLimits, CaptureResult
@@ -26,6 +27,8 @@ from lambdas.capture.kinesis_sink import KinesisSink
 
 json_logging.configure()
 logger = logging.getLogger(__name__)
+#: The EMF metric line: CloudWatch reads it only as a bare JSON line on stdout.
+output = output_logger(__name__)
 
 _settings: Settings | None = None
 _clients: dict[str, Any] = {}
@@ -112,7 +115,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     logger.info("capture finished: %s", summary)
     lag_bytes = results[-1].lag_bytes
     if lag_bytes is not None and os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
-        print(slot_lag_metric(settings.slot_name, lag_bytes), flush=True)
+        output.info("%s", slot_lag_metric(settings.slot_name, lag_bytes))
     return summary
 
 
