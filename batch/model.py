@@ -109,19 +109,34 @@ def releasing_factors(spark: SparkSession) -> Iterator[None]:
     night fits several models (the tuning candidates, the evaluation's and the
     final one); without this their factors would stay in the heap for as long
     as the JVM lives, and a second night in the same JVM would start short of
-    memory. The factor RDDs are found among the RDDs persisted inside the block;
-    the block ends once their blocks are gone (see :meth:`batch.recommend.Kept.release`).
+    memory. The factor RDDs are found among the RDDs persisted inside the block,
+    and the block ends once their blocks are gone (:func:`release`).
     """
-    context = spark.sparkContext._jsc
-    before = set(context.getPersistentRDDs().keySet())
+    before = persisted_ids(spark)
     try:
         yield
     finally:
-        persisted = context.getPersistentRDDs()
-        for rdd_id in set(persisted.keySet()) - before:
-            rdd = persisted.get(rdd_id)
-            if rdd is not None and rdd.name() in FACTOR_RDDS:
-                rdd.unpersist(True)
+        release(rdd for rdd in persisted_since(spark, before) if rdd.name() in FACTOR_RDDS)
+
+
+def persisted_ids(spark: SparkSession) -> set[int]:
+    """The ids of the RDDs persisted in ``spark`` now."""
+    return set(spark.sparkContext._jsc.getPersistentRDDs().keySet())
+
+
+def persisted_since(spark: SparkSession, before: set[int]) -> list[Any]:
+    """The RDDs persisted since :func:`persisted_ids` gave ``before`` (JVM handles)."""
+    persisted = spark.sparkContext._jsc.getPersistentRDDs()
+    found = (persisted.get(rdd_id) for rdd_id in set(persisted.keySet()) - before)
+    return [rdd for rdd in found if rdd is not None]
+
+
+def release(rdds: Iterable[Any]) -> None:
+    """Unpersist ``rdds`` and wait until their blocks are gone: a removal still in
+    flight when the session stops ends in a page of RejectedExecutionException
+    traces on stderr."""
+    for rdd in rdds:
+        rdd.unpersist(True)
 
 
 def top_k(users: DataFrame, items: DataFrame, k: int, exclude: str | None = None) -> DataFrame:

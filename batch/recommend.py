@@ -282,21 +282,17 @@ class Kept:
     """
 
     def __init__(self, spark: SparkSession) -> None:
-        self._context = spark.sparkContext._jsc
+        self._spark = spark
         self._rdds: list[Any] = []
 
     def __call__(self, frame: DataFrame) -> DataFrame:
-        before = set(self._context.getPersistentRDDs().keySet())
+        before = model.persisted_ids(self._spark)
         kept = frame.localCheckpoint(eager=True)
-        persisted = self._context.getPersistentRDDs()
-        self._rdds.extend(persisted.get(rdd_id) for rdd_id in set(persisted.keySet()) - before)
+        self._rdds.extend(model.persisted_since(self._spark, before))
         return kept
 
     def release(self) -> None:
-        # Waits for the blocks to go: a removal still in flight when the session stops
-        # ends in a page of RejectedExecutionException traces on stderr.
-        for rdd in self._rdds:
-            rdd.unpersist(True)
+        model.release(self._rdds)
         self._rdds.clear()
 
 
