@@ -64,7 +64,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from batch import model
-from batch.interactions import confidence, dense_index
+from batch.interactions import confidence, dense_index, join_index
 from batch.model import AlsParams
 from encore.settings import Settings
 
@@ -376,11 +376,10 @@ def evaluate_bid_log(
             "confidence"
         )
     )
-    users = dense_index(pairs, ["user_id"], "user_idx")
-    items = dense_index(pairs, ["item_id"], "item_idx")
+    users, bidders = dense_index(pairs, ["user_id"], "user_idx")
+    items, auctions = dense_index(pairs, ["item_id"], "item_idx")
     indexed = (
-        pairs.join(users, "user_id")
-        .join(items, "item_id")
+        join_index(join_index(pairs, users, bidders, ["user_id"]), items, auctions, ["item_id"])
         .select("user_idx", "item_idx", "confidence", F.lit(None).cast("timestamp").alias("at"))
         .cache()
     )
@@ -392,8 +391,8 @@ def evaluate_bid_log(
             "source": path,
             "rows": int(counts["rows"]),
             "rows_without_bidder": int(counts["no_bidder"] or 0),
-            "bidders": users.count(),
-            "auctions": items.count(),
+            "bidders": bidders,
+            "auctions": auctions,
             "interactions": indexed.count(),
             **result,
         }

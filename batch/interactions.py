@@ -30,18 +30,20 @@ kept to translate the model's answers back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from batch.landing import ITEM_COLUMNS
 from encore.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ITEM_COLUMNS = ("category", "sub_category", "title")
 MAX_INDEX = 2**31 - 1
+#: The largest dense index sent whole to every task to join on (tens of bytes per value).
+BROADCAST_INDEX_ROWS = 2_000_000
 SECONDS_PER_DAY = 86_400.0
 
 
@@ -50,9 +52,13 @@ class IndexOverflowError(ValueError):
 
 
 def item_bids(bids: DataFrame, listings: DataFrame) -> DataFrame:
-    """Each usable bid with its bidder as ``user_id`` and its listing's item columns."""
+    """Each usable bid with its bidder as ``user_id`` and its listing's item columns.
+
+    The listings' item columns are broadcast: tens of bytes per listing,
+    while the bids, many times more, then stay where they are.
+    """
     items = listings.select("listing_id", *ITEM_COLUMNS)
-    return bids.join(items, "listing_id").select(
+    return bids.join(F.broadcast(items), "listing_id").select(
         F.col("bidder_id").alias("user_id"),
         *ITEM_COLUMNS,
         "listing_id",
@@ -108,17 +114,34 @@ def interactions(bids: DataFrame, settings: Settings, as_of: datetime) -> DataFr
     )
 
 
-def dense_index(frame: DataFrame, columns: Sequence[str], name: str) -> DataFrame:
+def dense_index(
+    frame: DataFrame,
+    columns: Sequence[str],
+    name: str,
+    keep: Callable[[DataFrame], DataFrame] = lambda numbered: numbered,
+) -> tuple[DataFrame, int]:
     """Number the distinct values of ``columns`` ``0..n-1`` in sorted order.
 
-    Returns ``columns`` plus the integer column ``name``. Raises
-    :class:`IndexOverflowError` when there are more values than ``int`` holds.
+    Returns ``columns`` plus the integer column ``name``, as ``keep`` gives it
+    back (the numbering is computed once when ``keep`` stores it), and how
+    many values there are. Raises :class:`IndexOverflowError` when there are
+    more values than ``int`` holds.
     """
     distinct = frame.select(*columns).distinct()
-    size = distinct.count()
-    if size > MAX_INDEX:
-        raise IndexOverflowError(f"{size} distinct {list(columns)!r}: more than ALS can number")
     # One partition sorts the distinct values: millions of ids fit, and the
     # numbering must be global.
     in_order = Window.orderBy(*columns)
-    return distinct.withColumn(name, (F.row_number().over(in_order) - 1).cast("int"))
+    numbered = keep(distinct.withColumn(name, (F.row_number().over(in_order) - 1).cast("int")))
+    size = numbered.count()
+    if size > MAX_INDEX:
+        raise IndexOverflowError(f"{size} distinct {list(columns)!r}: more than ALS can number")
+    return numbered, size
+
+
+def join_index(frame: DataFrame, index: DataFrame, size: int, on: Sequence[str]) -> DataFrame:
+    """``frame`` joined to a :func:`dense_index` of ``size`` values on ``on``.
+
+    An index of up to :data:`BROADCAST_INDEX_ROWS` values is broadcast, so
+    ``frame`` is not shuffled to meet it; a larger one is joined by shuffling both.
+    """
+    return frame.join(F.broadcast(index) if size <= BROADCAST_INDEX_ROWS else index, list(on))

@@ -47,8 +47,8 @@ from pyspark.sql import functions as F
 
 from batch import evaluation, landing, model, publish, ranking
 from batch.evaluation import EvaluationError, evaluate_bid_log
-from batch.interactions import ITEM_COLUMNS, dense_index, interactions, item_bids
-from batch.landing import LandingError
+from batch.interactions import dense_index, interactions, item_bids, join_index
+from batch.landing import ITEM_COLUMNS, LandingError
 from batch.model import AlsParams
 from encore import layout
 from encore.output import output_logger
@@ -299,12 +299,13 @@ class Kept:
 def _tables(landed: landing.Landed, settings: Settings, keep: Kept) -> Tables:
     bids = keep(item_bids(landed.bids, landed.listings))
     pairs = keep(interactions(bids, settings, landed.last_event_at))
-    users = keep(dense_index(pairs, ["user_id"], "user_idx"))
-    items = keep(dense_index(pairs, ITEM_COLUMNS, "item_idx"))
+    users, user_count = dense_index(pairs, ["user_id"], "user_idx", keep)
+    items, item_count = dense_index(pairs, ITEM_COLUMNS, "item_idx", keep)
+    with_users = join_index(pairs, users, user_count, ["user_id"])
     indexed = keep(
-        pairs.join(users, "user_id")
-        .join(items, list(ITEM_COLUMNS))
-        .select("user_idx", "item_idx", "confidence", F.col("first_bid_at").alias("at")),
+        join_index(with_users, items, item_count, ITEM_COLUMNS).select(
+            "user_idx", "item_idx", "confidence", F.col("first_bid_at").alias("at")
+        ),
     )
     if indexed.limit(1).count() == 0:
         raise EvaluationError("no usable bids: nothing to learn from or evaluate")

@@ -35,7 +35,7 @@ from conftest_recommend import (
 )
 from pyspark.sql import functions as F
 
-from batch import evaluation, model, publish, ranking
+from batch import evaluation, interactions, model, publish, ranking
 from batch.model import AlsParams
 from batch.recommend import NIGHTLY_STAGES, Kept, evaluate_bid_log, run_nightly
 from encore import layout
@@ -408,6 +408,35 @@ def test_kept_frames_read_their_rows_without_their_plan_and_are_released(spark: 
     assert set(context.getPersistentRDDs().keySet()) - before  # the rows are stored
     keep.release()
     assert set(context.getPersistentRDDs().keySet()) == before
+
+
+def test_a_dense_index_numbers_in_order_and_joins_broadcast_only_when_small(
+    spark: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = spark.createDataFrame(
+        [("u-b", "x"), ("u-a", "y"), ("u-b", "y"), ("u-c", "x")], "user_id STRING, item STRING"
+    )
+    keep = Kept(spark)
+    try:
+        users, size = interactions.dense_index(pairs, ["user_id"], "user_idx", keep)
+
+        assert size == 3
+        assert sorted(map(tuple, users.collect())) == [("u-a", 0), ("u-b", 1), ("u-c", 2)]
+        plans = {}
+        for limit in (size, size - 1):
+            monkeypatch.setattr(interactions, "BROADCAST_INDEX_ROWS", limit)
+            joined = interactions.join_index(pairs, users, size, ["user_id"])
+            assert sorted(map(tuple, joined.select("user_idx", "item").collect())) == [
+                (0, "y"),
+                (1, "x"),
+                (1, "y"),
+                (2, "x"),
+            ]
+            plans[limit] = joined._jdf.queryExecution().executedPlan().toString()
+        assert "BroadcastHashJoin" in plans[size]
+        assert "BroadcastHashJoin" not in plans[size - 1]
+    finally:
+        keep.release()
 
 
 def test_ids_beyond_32_bits_come_back_unchanged(first_night: dict[str, Any]) -> None:
