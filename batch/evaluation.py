@@ -64,7 +64,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from batch import model
-from batch.interactions import confidence, dense_index, join_index
+from batch.interactions import confidence, dense_index
 from batch.model import AlsParams
 from encore.settings import Settings
 
@@ -379,7 +379,8 @@ def evaluate_bid_log(
     users, bidders = dense_index(pairs, ["user_id"], "user_idx")
     items, auctions = dense_index(pairs, ["item_id"], "item_idx")
     indexed = (
-        join_index(join_index(pairs, users, bidders, ["user_id"]), items, auctions, ["item_id"])
+        pairs.join(users, "user_id")
+        .join(items, "item_id")
         .select("user_idx", "item_idx", "confidence", F.lit(None).cast("timestamp").alias("at"))
         .cache()
     )

@@ -42,7 +42,8 @@ from encore.settings import Settings
 logger = logging.getLogger(__name__)
 
 MAX_INDEX = 2**31 - 1
-#: The largest dense index sent whole to every task to join on (tens of bytes per value).
+#: The most rows of a dense index (or a frame of one row per user or item) sent whole to
+#: every task that joins with it: tens of bytes a row.
 BROADCAST_INDEX_ROWS = 2_000_000
 SECONDS_PER_DAY = 86_400.0
 
@@ -126,6 +127,11 @@ def dense_index(
     back (the numbering is computed once when ``keep`` stores it), and how
     many values there are. Raises :class:`IndexOverflowError` when there are
     more values than ``int`` holds.
+
+    An index of up to :data:`BROADCAST_INDEX_ROWS` values comes back marked
+    for broadcast, and so does every frame selected or filtered from it:
+    every join with it then sends it whole to each task, and the other side,
+    the bids or the lists, is not shuffled to meet it.
     """
     distinct = frame.select(*columns).distinct()
     # One partition sorts the distinct values: millions of ids fit, and the
@@ -135,13 +141,10 @@ def dense_index(
     size = numbered.count()
     if size > MAX_INDEX:
         raise IndexOverflowError(f"{size} distinct {list(columns)!r}: more than ALS can number")
-    return numbered, size
+    return broadcast_if_small(numbered, size), size
 
 
-def join_index(frame: DataFrame, index: DataFrame, size: int, on: Sequence[str]) -> DataFrame:
-    """``frame`` joined to a :func:`dense_index` of ``size`` values on ``on``.
-
-    An index of up to :data:`BROADCAST_INDEX_ROWS` values is broadcast, so
-    ``frame`` is not shuffled to meet it; a larger one is joined by shuffling both.
-    """
-    return frame.join(F.broadcast(index) if size <= BROADCAST_INDEX_ROWS else index, list(on))
+def broadcast_if_small(frame: DataFrame, rows: int) -> DataFrame:
+    """``frame`` marked for broadcast when its ``rows`` are no more than
+    :data:`BROADCAST_INDEX_ROWS`, else as it is (joined by shuffling both sides)."""
+    return F.broadcast(frame) if rows <= BROADCAST_INDEX_ROWS else frame

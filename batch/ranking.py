@@ -41,7 +41,7 @@ from typing import Any
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import Column, DataFrame, Row, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, IntegerType, StructField, StructType
+from pyspark.sql.types import ArrayType, DoubleType, StringType, StructField, StructType
 
 from batch import model
 from batch.landing import ITEM_COLUMNS
@@ -57,6 +57,9 @@ TIER_ALS, TIER_CATEGORY, TIER_GLOBAL = 0, 1, 2
 CANDIDATE_FACTOR = 3
 
 LISTING_COLUMNS = ("listing_id", "seller_id", *ITEM_COLUMNS, "price", "ends_at")
+#: What a document says of each entry, in this order.
+ENTRY_FIELDS = ("listing_id", "title", "category", "sub_category", "price", "score")
+SOURCES = {TIER_ALS: SOURCE_ALS, TIER_CATEGORY: SOURCE_CATEGORY, TIER_GLOBAL: SOURCE_GLOBAL}
 
 
 def live_listings(listings: DataFrame, bids: DataFrame, now: datetime) -> DataFrame:
@@ -102,12 +105,16 @@ def als_picks(
 ) -> DataFrame:
     """Each of ``users``' ALS list: one row per entry, numbered by ``position`` from 1.
 
-    Columns: ``user_id``, :data:`LISTING_COLUMNS`, ``listing_bids``, ``score``,
-    ``tier`` and ``position``, as :func:`popularity_picks` returns them.
+    Columns: ``user_idx``, ``user_id``, :data:`LISTING_COLUMNS`,
+    ``listing_bids``, ``score``, ``tier`` and ``position``, partitioned by
+    ``user_idx`` (:func:`als_lists` groups them without moving them).
 
     ``users``: ``user_id``, ``user_idx`` of the users to serve; ``everyone``:
     the same for every user, to recognise sellers among them; ``items``: item
-    columns and ``item_idx``; ``won`` as :func:`won_items` gives it.
+    columns and ``item_idx``; ``won`` as :func:`won_items` gives it. The
+    first three are joined several times: marked for broadcast, as
+    :func:`batch.interactions.dense_index` marks the small ones, they are
+    sent to the tasks instead of the other side being shuffled.
 
     The rules are applied on integer ids while the items are scored, so the
     scored candidates are never joined to strings. Before the best ``size``
@@ -117,7 +124,8 @@ def als_picks(
     gives way to the soonest of another seller), so the best ``size`` items
     make the whole list. Only the chosen entries are joined to their listings.
     """
-    choices = (
+    # One row per item: sent whole to every task that joins with it.
+    choices = F.broadcast(
         listing_choices(live)
         .join(items, list(ITEM_COLUMNS))
         .join(
@@ -159,7 +167,7 @@ def als_picks(
 
     own = F.col("_seller_idx").eqNullSafe(F.col("user_idx"))
     chosen = (
-        scored.join(F.broadcast(choices), "item_idx")
+        scored.join(choices, "item_idx")
         .select(
             "user_idx",
             "score",
@@ -177,6 +185,7 @@ def als_picks(
         listed.join(users, "user_idx")
         .join(F.broadcast(details), F.col("_id") == F.col("listing_id"))
         .select(
+            "user_idx",
             "user_id",
             *LISTING_COLUMNS,
             "listing_bids",
@@ -184,6 +193,25 @@ def als_picks(
             F.lit(TIER_ALS).alias("tier"),
             "position",
         )
+    )
+
+
+def als_lists(picks: DataFrame) -> DataFrame:
+    """One row per user of :func:`als_picks`: ``user_id``, ``source`` and ``items``.
+
+    ``items`` holds :data:`ENTRY_FIELDS` of each entry, best first. The picks
+    are grouped by ``user_idx`` as the picks' last step left them, so a
+    kept frame of picks is not shuffled again.
+    """
+    entry = F.struct("position", *ENTRY_FIELDS)
+    return (
+        picks.groupBy("user_idx", "user_id")
+        .agg(
+            F.transform(
+                F.array_sort(F.collect_list(entry)), lambda e: e.dropFields("position")
+            ).alias("items")
+        )
+        .select("user_id", F.lit(SOURCE_ALS).alias("source"), "items")
     )
 
 
@@ -227,7 +255,7 @@ def _soonest_order() -> list[Column]:
     return [F.col("ends_at").asc_nulls_last(), F.col("listing_id")]
 
 
-def popularity_picks(
+def popularity_lists(
     users: DataFrame, user_categories: DataFrame, live: DataFrame, won: DataFrame, size: int
 ) -> DataFrame:
     """For each of ``users``, the most-bid live listings of their categories, then overall.
@@ -235,15 +263,18 @@ def popularity_picks(
     ``user_categories``: ``user_id``, ``category`` for every category a user
     has bid in; ``won`` as :func:`won_items` gives it. Each item is
     represented by its most-bid live listing, and ``score`` is that listing's
-    bid count. Returns the same columns as :func:`als_picks`.
+    bid count. Returns one row per user, as :func:`als_lists` does:
+    ``user_id``, ``source`` (the best tier the list holds; popular-global for
+    an empty list) and ``items``.
 
     The candidates are few: the ``size * CANDIDATE_FACTOR`` best of each
-    category and overall. They are collected and sent to the Python workers,
-    which walk each user's categories' lists merged in order, then the global
-    list, and keep the first ``size`` that are neither the user's own nor won
-    by them, each listing once, at its best tier. Users reach the workers with
-    their categories and won listings as arrays, so no row is made per user
-    and candidate.
+    category and overall. They are collected, with what a document says of
+    them, and sent to the Python workers, which walk each user's categories'
+    lists merged in order, then the global list, and keep the first ``size``
+    that are neither the user's own nor won by them, each listing once, at its
+    best tier. Users reach the workers with their categories and won listings
+    as arrays, and leave with their whole list: no row is made per user and
+    candidate, and none per entry.
     """
     depth = size * CANDIDATE_FACTOR
     spark = users.sparkSession
@@ -254,17 +285,12 @@ def popularity_picks(
         .filter("_n = 1")
         .drop("_n")
     )
-    candidate = (
-        "listing_id",
-        "seller_id",
-        "score",
-        F.unix_micros("ends_at").alias("ends_us"),
-    )
+    candidate = (*ENTRY_FIELDS, "seller_id", F.unix_micros("ends_at").alias("ends_us"))
     in_category = Window.partitionBy("category").orderBy(*_popular_order())
     category_top = (
         best_listings.withColumn("_n", F.row_number().over(in_category))
         .filter(F.col("_n") <= depth)
-        .select("category", *candidate)
+        .select(*candidate)
     )
     global_top = (
         best_listings.withColumn("_n", F.row_number().over(Window.orderBy(*_popular_order())))
@@ -293,32 +319,33 @@ def popularity_picks(
         .join(won_listings, "user_id", "left")
         .select("user_id", "_categories", "_won")
     )
+    entry = StructType(
+        [
+            StructField(name, live.schema[name].dataType if name != "score" else DoubleType())
+            for name in ENTRY_FIELDS
+        ]
+    )
     schema = StructType(
         [
             StructField("user_id", users.schema["user_id"].dataType, False),
-            StructField("listing_id", live.schema["listing_id"].dataType, False),
-            StructField("score", DoubleType(), False),
-            StructField("tier", IntegerType(), False),
-            StructField("position", IntegerType(), False),
+            StructField("source", StringType(), False),
+            StructField("items", ArrayType(entry, False), False),
         ]
     )
     shared = spark.sparkContext.broadcast(lists)
-    listed = asking.mapInArrow(partial(_popular_batches, shared, size, schema), schema)
-    details = live.select(*LISTING_COLUMNS, "listing_bids")
-    return listed.join(F.broadcast(details), "listing_id").select(
-        "user_id", *LISTING_COLUMNS, "listing_bids", "score", "tier", "position"
-    )
+    return asking.mapInArrow(partial(_popular_batches, shared, size, schema), schema)
 
 
 #: A popularity candidate: its sort key (most bids, then soonest end, then listing id),
-#: listing id, seller id and score. Sorting candidates sorts them best first.
-_Candidate = tuple[tuple[float, bool, int, Any], Any, Any, float]
+#: listing id, seller id and its entry (:data:`ENTRY_FIELDS`). Sorting candidates sorts
+#: them best first.
+_Candidate = tuple[tuple[float, bool, int, Any], Any, Any, dict[str, Any]]
 
 
 def _candidate(row: Row) -> _Candidate:
     ends = row["ends_us"]
     key = (-row["score"], ends is None, ends or 0, row["listing_id"])
-    return key, row["listing_id"], row["seller_id"], row["score"]
+    return key, row["listing_id"], row["seller_id"], {name: row[name] for name in ENTRY_FIELDS}
 
 
 def _popular_batches(
@@ -336,31 +363,31 @@ def _popular_batches(
         for user, user_categories, won in rows:
             in_categories = (by_category.get(category, ()) for category in user_categories or ())
             tiers = ((TIER_CATEGORY, heapq.merge(*in_categories)), (TIER_GLOBAL, iter(overall)))
-            _popular_list(columns, user, set(won or ()), tiers, size)
+            best, entries = _popular_list(user, set(won or ()), tiers, size)
+            columns["user_id"].append(user)
+            columns["source"].append(SOURCES[best])
+            columns["items"].append(entries)
         yield pa.RecordBatch.from_pydict(columns, schema=arrow_schema)
 
 
 def _popular_list(
-    columns: dict[str, list[Any]],
-    user: Any,
-    won: set[Any],
-    tiers: Iterable[tuple[int, Iterator[_Candidate]]],
-    size: int,
-) -> None:
-    """Append ``user``'s list to ``columns``: the first ``size`` allowed candidates by tier."""
+    user: Any, won: set[Any], tiers: Iterable[tuple[int, Iterator[_Candidate]]], size: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """``user``'s list: the first ``size`` allowed candidates by tier, and the best tier in it
+    (:data:`TIER_GLOBAL` when it is empty)."""
     seen: set[Any] = set()
+    entries: list[dict[str, Any]] = []
+    best = TIER_GLOBAL
     for tier, candidates in tiers:
-        for _, listing, seller, score in candidates:
-            if len(seen) == size:
-                return
+        for _, listing, seller, entry in candidates:
+            if len(entries) == size:
+                return best, entries
             if listing in seen or listing in won or (seller is not None and seller == user):
                 continue
             seen.add(listing)
-            columns["user_id"].append(user)
-            columns["listing_id"].append(listing)
-            columns["score"].append(score)
-            columns["tier"].append(tier)
-            columns["position"].append(len(seen))
+            entries.append(entry)
+            best = min(best, tier)
+    return best, entries
 
 
 def _popular_order() -> list[Column]:
@@ -369,13 +396,3 @@ def _popular_order() -> list[Column]:
         F.col("ends_at").asc_nulls_last(),
         F.col("listing_id"),
     ]
-
-
-def source_column() -> Column:
-    """The source of a user's list, from the best tier in it (an aggregate over picks)."""
-    best = F.min("tier")
-    return (
-        F.when(best == TIER_ALS, F.lit(SOURCE_ALS))
-        .when(best == TIER_CATEGORY, F.lit(SOURCE_CATEGORY))
-        .otherwise(F.lit(SOURCE_GLOBAL))
-    )

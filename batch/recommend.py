@@ -47,7 +47,7 @@ from pyspark.sql import functions as F
 
 from batch import evaluation, landing, model, publish, ranking
 from batch.evaluation import EvaluationError, evaluate_bid_log
-from batch.interactions import dense_index, interactions, item_bids, join_index
+from batch.interactions import broadcast_if_small, dense_index, interactions, item_bids
 from batch.landing import ITEM_COLUMNS, LandingError
 from batch.model import AlsParams
 from encore import layout
@@ -258,7 +258,7 @@ class Tables:
     ``bids``: usable bids with their items; ``pairs``: one row per (user,
     item) with its confidence; ``users`` and ``items``: the dense ids;
     ``indexed``: ``pairs`` in ALS's terms (``user_idx``, ``item_idx``,
-    ``confidence``, ``at``).
+    ``confidence``, ``at``); how many users and items there are.
     """
 
     bids: DataFrame
@@ -266,6 +266,8 @@ class Tables:
     users: DataFrame
     items: DataFrame
     indexed: DataFrame
+    user_count: int
+    item_count: int
 
 
 class Kept:
@@ -301,15 +303,14 @@ def _tables(landed: landing.Landed, settings: Settings, keep: Kept) -> Tables:
     pairs = keep(interactions(bids, settings, landed.last_event_at))
     users, user_count = dense_index(pairs, ["user_id"], "user_idx", keep)
     items, item_count = dense_index(pairs, ITEM_COLUMNS, "item_idx", keep)
-    with_users = join_index(pairs, users, user_count, ["user_id"])
     indexed = keep(
-        join_index(with_users, items, item_count, ITEM_COLUMNS).select(
-            "user_idx", "item_idx", "confidence", F.col("first_bid_at").alias("at")
-        ),
+        pairs.join(users, "user_id")
+        .join(items, list(ITEM_COLUMNS))
+        .select("user_idx", "item_idx", "confidence", F.col("first_bid_at").alias("at")),
     )
     if indexed.limit(1).count() == 0:
         raise EvaluationError("no usable bids: nothing to learn from or evaluate")
-    return Tables(bids, pairs, users, items, indexed)
+    return Tables(bids, pairs, users, items, indexed, user_count, item_count)
 
 
 def _documents(
@@ -324,43 +325,34 @@ def _documents(
     size = settings.recs_per_user
     won = keep(ranking.won_items(tables.bids, landed.listings))
 
-    per_user = tables.pairs.groupBy("user_id").agg(F.count(F.lit(1)).alias("_items"))
-    eligible = tables.users.join(
-        per_user.filter(F.col("_items") >= MIN_ALS_INTERACTIONS).select("user_id"), "user_id"
+    per_user = tables.indexed.groupBy("user_idx").agg(F.count(F.lit(1)).alias("_items"))
+    # Kept, as small as the users: the picks join it three times.
+    eligible = broadcast_if_small(
+        keep(
+            per_user.filter(F.col("_items") >= MIN_ALS_INTERACTIONS)
+            .select("user_idx")
+            .join(tables.users, "user_idx")
+        ),
+        tables.user_count,
     )
     # Kept: both the lists and the choice of who falls back read it.
     als_picks = keep(
         ranking.als_picks(fitted, eligible, tables.users, tables.items, live, won, size)
     )
 
-    fallback_users = tables.users.select("user_id").join(
-        als_picks.select("user_id").distinct(), "user_id", "left_anti"
+    # Everyone the model left without a list gets popularity: each user is in one of the two.
+    fallback_users = broadcast_if_small(
+        keep(tables.users.join(als_picks.select("user_idx").distinct(), "user_idx", "left_anti")),
+        tables.user_count,
     )
-    user_categories = tables.pairs.select("user_id", "category").distinct()
-    popular_picks = ranking.popularity_picks(fallback_users, user_categories, live, won, size)
-
-    entry = F.struct(
-        "position", "listing_id", "title", "category", "sub_category", "price", "score"
+    user_categories = (
+        tables.indexed.join(fallback_users, "user_idx")
+        .join(tables.items, "item_idx")
+        .select("user_id", "category")
+        .distinct()
     )
-    lists = (
-        als_picks.unionByName(popular_picks)
-        .groupBy("user_id")
-        .agg(
-            ranking.source_column().alias("source"),
-            F.transform(
-                F.array_sort(F.collect_list(entry)), lambda e: e.dropFields("position")
-            ).alias("items"),
-        )
-    )
-    return (
-        tables.users.select("user_id")
-        .join(lists, "user_id", "left")
-        .select(
-            "user_id",
-            F.coalesce("source", F.lit(ranking.SOURCE_GLOBAL)).alias("source"),
-            F.coalesce("items", F.array().cast(lists.schema["items"].dataType)).alias("items"),
-        )
-    )
+    popular = ranking.popularity_lists(fallback_users, user_categories, live, won, size)
+    return ranking.als_lists(als_picks).unionByName(popular)
 
 
 def _publish(
@@ -401,7 +393,7 @@ def _counts(
         "users_popular_category": by_source[ranking.SOURCE_CATEGORY],
         "users_popular_global": by_source[ranking.SOURCE_GLOBAL],
         "users_without_items": empty,
-        "items": tables.items.count(),
+        "items": tables.item_count,
         "live_listings": live.count(),
     }
     if empty:

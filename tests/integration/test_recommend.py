@@ -259,18 +259,24 @@ def test_a_popular_list_skips_own_listings_and_won_items_and_tops_up_once(spark:
         "user_id string, category string, sub_category string, title string",
     )
 
-    picked = ranking.popularity_picks(users, categories, live, won, size=4)
+    (listed,) = ranking.popularity_lists(users, categories, live, won, size=4).collect()
 
     # C is represented by its most-bid, then soonest listing; the watch tops up the Toys
     # list from the global list, and Toys items in the global list are not listed again.
-    assert [
-        (row["listing_id"], row["tier"], row["score"], row["position"])
-        for row in picked.orderBy("position").collect()
-    ] == [
-        ("c-sooner", ranking.TIER_CATEGORY, 7.0, 1),
-        ("e", ranking.TIER_CATEGORY, 5.0, 2),
-        ("watch", ranking.TIER_GLOBAL, 20.0, 3),
+    assert (listed["user_id"], listed["source"]) == ("u", ranking.SOURCE_CATEGORY)
+    assert [(item["listing_id"], item["title"], item["score"]) for item in listed["items"]] == [
+        ("c-sooner", "C", 7.0),
+        ("e", "E", 5.0),
+        ("watch", "W", 20.0),
     ]
+    assert listed["items"][0].asDict() == {
+        "listing_id": "c-sooner",
+        "title": "C",
+        "category": "Toys",
+        "sub_category": "Sub",
+        "price": Decimal("1.00"),
+        "score": 7.0,
+    }
 
 
 def test_each_item_keeps_its_soonest_listing_and_the_soonest_of_another_seller(
@@ -410,7 +416,7 @@ def test_kept_frames_read_their_rows_without_their_plan_and_are_released(spark: 
     assert set(context.getPersistentRDDs().keySet()) == before
 
 
-def test_a_dense_index_numbers_in_order_and_joins_broadcast_only_when_small(
+def test_a_dense_index_numbers_in_order_and_is_broadcast_only_when_small(
     spark: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pairs = spark.createDataFrame(
@@ -418,14 +424,14 @@ def test_a_dense_index_numbers_in_order_and_joins_broadcast_only_when_small(
     )
     keep = Kept(spark)
     try:
-        users, size = interactions.dense_index(pairs, ["user_id"], "user_idx", keep)
-
-        assert size == 3
-        assert sorted(map(tuple, users.collect())) == [("u-a", 0), ("u-b", 1), ("u-c", 2)]
         plans = {}
-        for limit in (size, size - 1):
+        for limit in (3, 2):
             monkeypatch.setattr(interactions, "BROADCAST_INDEX_ROWS", limit)
-            joined = interactions.join_index(pairs, users, size, ["user_id"])
+            users, size = interactions.dense_index(pairs, ["user_id"], "user_idx", keep)
+
+            assert size == 3
+            assert sorted(map(tuple, users.collect())) == [("u-a", 0), ("u-b", 1), ("u-c", 2)]
+            joined = pairs.join(users.select("user_id", "user_idx"), "user_id")
             assert sorted(map(tuple, joined.select("user_idx", "item").collect())) == [
                 (0, "y"),
                 (1, "x"),
@@ -433,8 +439,8 @@ def test_a_dense_index_numbers_in_order_and_joins_broadcast_only_when_small(
                 (2, "x"),
             ]
             plans[limit] = joined._jdf.queryExecution().executedPlan().toString()
-        assert "BroadcastHashJoin" in plans[size]
-        assert "BroadcastHashJoin" not in plans[size - 1]
+        assert "BroadcastHashJoin" in plans[3]
+        assert "BroadcastHashJoin" not in plans[2]
     finally:
         keep.release()
 
