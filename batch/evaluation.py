@@ -192,16 +192,43 @@ def als_recommendations(
 
 
 def popularity_recommendations(train: DataFrame, users: DataFrame, k: int = K) -> DataFrame:
-    """The ``k`` items most users bid on in training, skipping each user's own."""
-    # Popularity as one-dimensional factors: every user is [1], every item
-    # [number of users], so the dot product is the item's popularity.
-    items = train.groupBy("item_idx").agg(
-        F.array(F.count(F.lit(1)).cast("double")).alias("features")
+    """The ``k`` items most users bid on in training, skipping each user's own.
+
+    Every user is offered the same ranking less what they have seen, so the
+    ranking is made once: the ``k`` best plus as many as the user who has
+    seen the most has seen, which is enough for anyone. Each user keeps the
+    first ``k`` of it they have not seen. Ties go to the lower item id, as
+    :func:`batch.model.top_k` breaks them.
+    """
+    seen = _seen(train)
+    longest = seen.agg(F.max(F.size("seen"))).first()
+    ranked = (
+        train.groupBy("item_idx")
+        .agg(F.count(F.lit(1)).cast("double").alias("score"))
+        .orderBy(F.col("score").desc(), "item_idx")
+        .limit(k + int((longest and longest[0]) or 0))
+        .collect()
     )
-    user_rows = users.join(_seen(train), "user_idx", "left").withColumn(
-        "features", F.array(F.lit(1.0))
+    spark = train.sparkSession
+    best = spark.createDataFrame(
+        [([(row["item_idx"], row["score"]) for row in ranked],)],
+        "best array<struct<item_idx:int,score:double>>",
     )
-    return model.top_k(user_rows, items, k, exclude="seen")
+    unseen = F.filter(
+        "best",
+        lambda pick: ~F.coalesce(F.array_contains("seen", pick["item_idx"]), F.lit(False)),
+    )
+    return (
+        users.join(seen, "user_idx", "left")
+        .crossJoin(F.broadcast(best))
+        .select("user_idx", F.posexplode(F.slice(unseen, 1, k)).alias("_at", "_pick"))
+        .select(
+            "user_idx",
+            F.col("_pick.item_idx").alias("item_idx"),
+            F.col("_pick.score").alias("score"),
+            (F.col("_at") + 1).alias("position"),
+        )
+    )
 
 
 def tune(train: DataFrame, base: AlsParams, k: int = K) -> tuple[AlsParams, list[dict[str, Any]]]:

@@ -416,6 +416,28 @@ def test_kept_frames_read_their_rows_without_their_plan_and_are_released(spark: 
     assert set(context.getPersistentRDDs().keySet()) == before
 
 
+def test_the_popularity_baseline_skips_what_each_user_has_seen_and_breaks_ties_by_id(
+    spark: Any,
+) -> None:
+    # Item 7 has three users, items 3 and 5 two each, items 1 and 9 one each.
+    train = spark.createDataFrame(
+        [(0, 7), (1, 7), (2, 7), (0, 5), (1, 5), (1, 3), (2, 3), (2, 1), (0, 9)],
+        "user_idx int, item_idx int",
+    )
+    users = spark.createDataFrame([(0,), (1,), (3,)], "user_idx int")
+
+    picks = evaluation.popularity_recommendations(train, users, k=2)
+
+    assert sorted(map(tuple, picks.collect()), key=lambda pick: pick[::3]) == [
+        (0, 3, 2.0, 1),  # 7 and 5 are seen: 3, then 1 before 9 (the same count)
+        (0, 1, 1.0, 2),
+        (1, 1, 1.0, 1),  # 7, 5 and 3 are seen
+        (1, 9, 1.0, 2),
+        (3, 7, 3.0, 1),  # nothing seen
+        (3, 3, 2.0, 2),  # 3 before 5 (the same count)
+    ]
+
+
 def test_a_dense_index_numbers_in_order_and_is_broadcast_only_when_small(
     spark: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
