@@ -197,8 +197,9 @@ def popularity_recommendations(train: DataFrame, users: DataFrame, k: int = K) -
     Every user is offered the same ranking less what they have seen, so the
     ranking is made once: the ``k`` best plus as many as the user who has
     seen the most has seen, which is enough for anyone. Each user keeps the
-    first ``k`` of it they have not seen. Ties go to the lower item id, as
-    :func:`batch.model.top_k` breaks them.
+    first ``k`` of it they have not seen. Items with as many users are
+    ranked by item id, also at the end of a list, so every user gets the
+    same items of a tie.
     """
     seen = _seen(train)
     longest = seen.agg(F.max(F.size("seen"))).first()

@@ -145,7 +145,9 @@ def top_k(users: DataFrame, items: DataFrame, k: int, exclude: str | None = None
     ``users`` has ``user_idx`` and ``features`` (and, when ``exclude`` names
     it, an array of item ids the user must not get); ``items`` has
     ``item_idx`` and ``features``. Returns ``user_idx``, ``item_idx``,
-    ``score`` and ``position`` (1 = best); ties go to the lower item id.
+    ``score`` and ``position`` (1 = best). Equal scores in a list are in item
+    id order; of several items tied for a list's last places, which are kept
+    is numpy's partition's choice, the same on every run over the same factors.
     Scores that are not finite are never returned.
 
     Users reach the Python workers as Arrow batches and the answers leave the
@@ -217,8 +219,8 @@ def _score_block(
     """Each user's best ``k`` items: user ids, item ids, scores and positions, as columns.
 
     ``exclusions`` is (how many item ids each user excludes, those ids one
-    user after another). Rows come user by user, best first; equal scores go
-    to the lower item id, so reruns agree.
+    user after another). Rows come user by user, best first; equal scores in
+    item id order (see :func:`top_k` for ties at a list's end).
     """
     scores = user_factors @ factors.T
     scores[~np.isfinite(scores)] = -np.inf
