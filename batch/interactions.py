@@ -36,11 +36,11 @@ from datetime import datetime
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from batch.landing import ITEM_COLUMNS
 from encore.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+ITEM_COLUMNS = ("category", "sub_category", "title")
 MAX_INDEX = 2**31 - 1
 #: The most rows of a dense index (or a frame of one row per user or item) sent whole to
 #: every task that joins with it: tens of bytes a row.

@@ -48,8 +48,6 @@ from encore import events, layout
 
 logger = logging.getLogger(__name__)
 
-#: What recurs across listings, and what the night learns on (see :mod:`batch.interactions`).
-ITEM_COLUMNS = ("category", "sub_category", "title")
 LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
 CLOSED_STATUSES = ("sold", "ended")
 #: Contract columns the nightly job has no use for: listings carry their category titles.

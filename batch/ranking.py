@@ -44,7 +44,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, StringType, StructField, StructType
 
 from batch import model
-from batch.landing import ITEM_COLUMNS
+from batch.interactions import ITEM_COLUMNS
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,14 @@ from pyspark.sql import functions as F
 
 from batch import evaluation, landing, model, publish, ranking
 from batch.evaluation import EvaluationError, evaluate_bid_log
-from batch.interactions import broadcast_if_small, dense_index, interactions, item_bids
-from batch.landing import ITEM_COLUMNS, LandingError
+from batch.interactions import (
+    ITEM_COLUMNS,
+    broadcast_if_small,
+    dense_index,
+    interactions,
+    item_bids,
+)
+from batch.landing import LandingError
 from batch.model import AlsParams
 from encore import layout
 from encore.output import output_logger
