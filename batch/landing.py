@@ -10,12 +10,13 @@ pass, with no separate pass that drops the copies first.
 
 Ordering
 --------
-Changes are ordered by their commit position. An LSN is written ``X/X`` in
-hex, so ``"A/0"`` sorts after ``"10/0"`` as text although it comes first:
-both halves are compared as numbers, then the commit time. Two changes of
-one row inside one transaction share their commit LSN; between them a
-delete wins over an update, and a closed status (``sold``, ``ended``) over
-``live``, because a listing never reopens.
+Of the changes of one row, the latest stands: the rule is
+:mod:`encore.changes`, which the streaming feeds apply too. In short: the
+commit LSN compared as a position in the WAL (``"A/0"`` sorts after
+``"10/0"`` as text although it comes first), then the commit time; between
+two changes of one row in one transaction, an update over the insert, a
+delete over both, and a closed status (``sold``, ``ended``) over ``live``,
+because a listing never reopens.
 
 * A **bid** is the latest state of a bid row (insert, then any updates) that
   was not later deleted.
@@ -41,15 +42,14 @@ from datetime import datetime
 from typing import Any
 
 from pyspark.errors import AnalysisException
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from encore import events, layout
+from encore import changes, events, layout
 
 logger = logging.getLogger(__name__)
 
 LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
-CLOSED_STATUSES = ("sold", "ended")
 #: Contract columns the nightly job has no use for: listings carry their category titles.
 UNREAD_COLUMNS = ("schema_version", "category_id", "sub_category_id", "description")
 
@@ -175,33 +175,17 @@ def _when_bid_op(op: str) -> Column:
     return F.when((F.col("event_type") == "bid") & (F.col("op") == op), 1).otherwise(0)
 
 
-def lsn_order() -> list[Column]:
-    """Newest change first: commit LSN (both halves as numbers), commit time, then tie-breaks."""
-    halves = F.split(F.col("commit_lsn"), "/")
-    return [
-        F.conv(halves[0], 16, 10).cast("long").desc(),
-        F.conv(halves[1], 16, 10).cast("long").desc(),
-        F.col("commit_time").desc(),
-        F.when(F.col("op") == "delete", 1).otherwise(0).desc(),
-        F.when(F.col("status").isin(*CLOSED_STATUSES), 1).otherwise(0).desc(),
-        F.col("event_id").desc(),
-    ]
-
-
-def _latest(frame: DataFrame, key: str | Column) -> DataFrame:
-    newest_first = Window.partitionBy(key).orderBy(*lsn_order())
-    return frame.withColumn("_n", F.row_number().over(newest_first)).filter("_n = 1").drop("_n")
-
-
 def listing_states(unique: DataFrame) -> DataFrame:
     """The latest state of every listing (see the module docstring)."""
     listing_events = unique.filter(
         (F.col("event_type") == "listing") & F.col("listing_id").isNotNull()
     )
-    latest = _latest(listing_events, "listing_id").select(
+    latest = changes.latest_per_key(listing_events, "listing_id").select(
         "listing_id", F.col("op").alias("last_op"), F.col("status").alias("last_status")
     )
-    attributes = _latest(listing_events.filter(F.col("op") != "delete"), "listing_id").select(
+    attributes = changes.latest_per_key(
+        listing_events.filter(F.col("op") != "delete"), "listing_id"
+    ).select(
         "listing_id",
         "seller_id",
         F.trim("title").alias("title"),
@@ -229,7 +213,7 @@ def latest_bids(unique: DataFrame) -> DataFrame:
         "bid_key", F.coalesce("bid_id", "table_key")
     )
     return (
-        _latest(bid_events, "bid_key")
+        changes.latest_per_key(bid_events, "bid_key")
         .filter(F.col("op") != "delete")
         .select(
             "bid_key",

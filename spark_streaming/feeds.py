@@ -14,7 +14,8 @@ How the state is read
 * Order of changes: the latest change of a row is the one with the highest commit
   LSN, compared as a number (``1/0`` is after ``0/FFFFFFFF`` and ``0/10`` after
   ``0/9``), then the later commit time, then the operation (a delete is the last
-  change a row can have in one transaction).
+  change a row can have in one transaction), then a closed status. The rule is
+  :mod:`encore.changes`, which the nightly job applies too.
 * Bids: the latest change of each ``bid_id``; a bid whose latest change is a
   delete no longer exists. Inserts and updates stand.
 * Listings: the latest change of each ``listing_id`` gives title, category,
@@ -54,21 +55,22 @@ quarantined and counted as unapplied (see :mod:`spark_streaming.state`).
 
 Limitations: the contract carries no change LSN, so two changes of one row in one
 transaction share a commit LSN and commit time. They are ordered by operation
-(insert, update, delete), then by event id, which is arbitrary between two updates
-of one row in one transaction.
+(insert, update, delete), then by status, then by event id, which is arbitrary
+between two updates of one row in one transaction that leave the same status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, Row, Window
+from pyspark.sql import DataFrame, Row, Window
 from pyspark.sql import functions as F
 
+from encore import changes
 from encore.settings import Settings
 
 SCHEMA_VERSION = 1
@@ -85,7 +87,6 @@ ANONYMOUS_BIDDER = ""
 SCORE_TYPE = "DECIMAL(38,28)"
 AMOUNT_TYPE = "DECIMAL(28,2)"
 
-_OP_RANK = {"insert": 0, "update": 1, "delete": 2}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -244,31 +245,6 @@ class Snapshot:
 # Pure functions: the rules, testable without Spark.
 
 
-def lsn_sort_key(lsn: str) -> tuple[int, int]:
-    """Order LSNs (``X/X`` hex) as positions in the WAL: by each half, numerically."""
-    high, slash, low = lsn.partition("/")
-    if not slash:
-        raise ValueError(f"not an LSN: {lsn!r}")
-    return int(high, 16), int(low, 16)
-
-
-def latest_change(changes: Sequence[Mapping[str, str]]) -> Mapping[str, str]:
-    """The latest of several changes of one row.
-
-    This is the rule :func:`latest_per_key` applies in Spark; a test holds the two
-    to each other.
-    """
-    return max(
-        changes,
-        key=lambda change: (
-            lsn_sort_key(change["commit_lsn"]),
-            change["commit_time"],
-            _OP_RANK[change["op"]],
-            change["event_id"],
-        ),
-    )
-
-
 def decay_weight(age_s: float, half_life_s: float) -> float:
     """A bid's share of a trending score: 1 when new, halved every ``half_life_s``."""
     return float(0.5 ** (max(age_s, 0.0) / half_life_s))
@@ -323,13 +299,6 @@ def feed_document(
 # Spark: the same rules over the stored events.
 
 
-def lsn_order(column: str = "commit_lsn") -> tuple[Column, Column]:
-    """The two halves of an LSN column as numbers, high first."""
-    high = F.conv(F.substring_index(F.col(column), "/", 1), 16, 10).cast("long")
-    low = F.conv(F.substring_index(F.col(column), "/", -1), 16, 10).cast("long")
-    return high, low
-
-
 def mark_late(batch_events: DataFrame, watermark_us: int | None) -> DataFrame:
     """Add ``late``: a bid placed before ``watermark_us`` (None: nothing is late yet)."""
     late = (
@@ -355,28 +324,6 @@ def event_counts(events: DataFrame, batch_id: int | None) -> Row:
     ).first()
     assert counts is not None  # a global aggregate has one row, even over no rows
     return counts
-
-
-def latest_per_key(changes: DataFrame, key: str) -> DataFrame:
-    """The latest change of each ``key`` (see :func:`latest_change`).
-
-    Copies of one event tie on every ordering column and are the same change, so
-    duplicates need no removal first.
-    """
-    high, low = lsn_order()
-    op_rank = F.coalesce(*[F.when(F.col("op") == op, F.lit(rank)) for op, rank in _OP_RANK.items()])
-    newest_first = Window.partitionBy(key).orderBy(
-        high.desc(),
-        low.desc(),
-        F.col("commit_time").desc(),
-        op_rank.desc(),
-        F.col("event_id").desc(),
-    )
-    return (
-        changes.withColumn("_newest", F.row_number().over(newest_first))
-        .filter(F.col("_newest") == 1)
-        .drop("_newest")
-    )
 
 
 @dataclass(frozen=True)
@@ -449,7 +396,7 @@ def compute_snapshot(
 
 def listing_attributes(events: DataFrame) -> DataFrame:
     """Title, category, sub-category, status and ``deleted`` from each listing's latest change."""
-    latest = latest_per_key(events.filter(F.col("event_type") == "listing"), "listing_id")
+    latest = changes.latest_per_key(events.filter(F.col("event_type") == "listing"), "listing_id")
     return latest.select(
         "listing_id",
         "title",
@@ -464,7 +411,7 @@ def listing_figures(
     events: DataFrame, attributes: DataFrame, settings: Settings, reference_us: int
 ) -> DataFrame:
     """Per listing with at least one standing bid: window counts, totals, score, attributes."""
-    bids = latest_per_key(events.filter(F.col("event_type") == "bid"), "bid_id").filter(
+    bids = changes.latest_per_key(events.filter(F.col("event_type") == "bid"), "bid_id").filter(
         F.col("op") != "delete"
     )
     age_s = F.greatest(

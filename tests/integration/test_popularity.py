@@ -419,34 +419,6 @@ def test_command_line_with_nothing_landed_yet_reports_zeros(
     assert bucket.keys("") == []
 
 
-def test_spark_picks_the_latest_change_as_the_pure_rule_does(spark: Any) -> None:
-    changes = [
-        ("a", "k1", "insert", "0/9", "2026-12-04T15:00:00Z"),
-        ("b", "k1", "update", "0/10", "2026-12-04T15:00:00Z"),
-        ("c", "k2", "update", "1/0", "2026-12-04T15:00:00Z"),
-        ("d", "k2", "update", "0/FFFFFFFF", "2026-12-04T16:00:00Z"),
-        ("e", "k3", "update", "0/20", "2026-12-04T15:00:01Z"),
-        ("f", "k3", "update", "0/20", "2026-12-04T15:00:00Z"),
-        ("g", "k4", "delete", "0/30", "2026-12-04T15:00:00Z"),
-        ("h", "k4", "update", "0/30", "2026-12-04T15:00:00Z"),
-    ]
-    rows = [
-        (event_id, key, op, lsn, datetime.fromisoformat(at))
-        for event_id, key, op, lsn, at in changes
-    ]
-    frame = spark.createDataFrame(
-        rows, "event_id STRING, key STRING, op STRING, commit_lsn STRING, commit_time TIMESTAMP"
-    )
-
-    latest = {row["key"]: row["event_id"] for row in feeds.latest_per_key(frame, "key").collect()}
-
-    by_key: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for event_id, key, op, lsn, at in changes:
-        by_key[key].append({"event_id": event_id, "op": op, "commit_lsn": lsn, "commit_time": at})
-    expected = {key: feeds.latest_change(group)["event_id"] for key, group in by_key.items()}
-    assert latest == expected == {"k1": "b", "k2": "c", "k3": "e", "k4": "g"}
-
-
 AUCTION_START = datetime(2026, 11, 2, tzinfo=UTC)
 
 

@@ -1,4 +1,4 @@
-"""The popularity job's rules that need no Spark: change order, decay, feed documents."""
+"""The popularity job's rules that need no Spark: decay, feed documents."""
 
 from __future__ import annotations
 
@@ -11,63 +11,6 @@ from pyspark.sql.types import DecimalType, StringType, TimestampType
 
 from encore import events
 from spark_streaming import feeds, landing
-
-
-@pytest.mark.parametrize(
-    ("earlier", "later"),
-    [
-        ("0/9", "0/10"),  # string order would put 0/9 last
-        ("0/A", "0/10"),
-        ("0/FFFFFFFF", "1/0"),  # the low half wraps into the high half
-        ("9/0", "A/0"),
-        ("0/16B3748", "0/16B3749"),
-    ],
-)
-def test_lsn_sort_key_orders_by_wal_position(earlier: str, later: str) -> None:
-    assert feeds.lsn_sort_key(earlier) < feeds.lsn_sort_key(later)
-
-
-def test_lsn_sort_key_agrees_with_the_contract_parser() -> None:
-    values = [0, 9, 16, 0xFFFFFFFF, 1 << 32, (5 << 32) | 0x16B3748]
-    lsns = [events.format_lsn(value) for value in values]
-
-    assert sorted(lsns, key=feeds.lsn_sort_key) == lsns
-    assert [feeds.lsn_sort_key(lsn) for lsn in lsns] == [
-        divmod(events.parse_lsn(lsn), 1 << 32) for lsn in lsns
-    ]
-
-
-@pytest.mark.parametrize("text", ["16B3748", "", "0/G"])
-def test_lsn_sort_key_rejects_what_is_not_an_lsn(text: str) -> None:
-    with pytest.raises(ValueError):
-        feeds.lsn_sort_key(text)
-
-
-def change(event_id: str, op: str, lsn: str, at: str = "2026-12-04T15:00:00.000000Z") -> dict:
-    return {"event_id": event_id, "op": op, "commit_lsn": lsn, "commit_time": at}
-
-
-@pytest.mark.parametrize(
-    ("changes", "latest"),
-    [
-        ([change("a", "insert", "0/9"), change("b", "update", "0/10")], "b"),
-        ([change("a", "update", "1/0"), change("b", "update", "0/FFFFFFFF", "2027")], "a"),
-        (
-            [
-                change("a", "update", "0/20", "2026-12-04T15:00:01.000000Z"),
-                change("b", "update", "0/20", "2026-12-04T15:00:00.000000Z"),
-            ],
-            "a",
-        ),
-        ([change("a", "delete", "0/30"), change("b", "update", "0/30")], "a"),
-        ([change("a", "update", "0/30"), change("b", "update", "0/30")], "b"),
-    ],
-    ids=["lsn-numeric", "lsn-before-time", "time-breaks-lsn-tie", "delete-last", "event-id"],
-)
-def test_latest_change_follows_lsn_then_time_then_operation(
-    changes: list[dict[str, str]], latest: str
-) -> None:
-    assert feeds.latest_change(changes)["event_id"] == latest
 
 
 @pytest.mark.parametrize(
