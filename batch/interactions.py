@@ -52,14 +52,15 @@ class IndexOverflowError(ValueError):
     """More distinct ids than ALS can number with 32-bit integers."""
 
 
-def item_bids(bids: DataFrame, listings: DataFrame) -> DataFrame:
+def item_bids(bids: DataFrame, listings: DataFrame, listing_count: int) -> DataFrame:
     """Each usable bid with its bidder as ``user_id`` and its listing's item columns.
 
-    The listings' item columns are broadcast: tens of bytes per listing,
-    while the bids, many times more, then stay where they are.
+    The listings' item columns are broadcast while the ``listing_count``
+    listings are few enough (:func:`broadcast_if_small`): tens of bytes per
+    listing, while the bids, many times more, then stay where they are.
     """
     items = listings.select("listing_id", *ITEM_COLUMNS)
-    return bids.join(F.broadcast(items), "listing_id").select(
+    return bids.join(broadcast_if_small(items, listing_count), "listing_id").select(
         F.col("bidder_id").alias("user_id"),
         *ITEM_COLUMNS,
         "listing_id",

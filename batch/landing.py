@@ -45,6 +45,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from batch.interactions import broadcast_if_small
 from encore import changes, events, layout
 
 logger = logging.getLogger(__name__)
@@ -64,14 +65,16 @@ class Landed:
 
     ``bids``: bid_key, listing_id, bidder_id, amount, placed_at, commit_time.
     ``listings``: listing_id, seller_id, title, category, sub_category, price,
-    status, ends_at. Both are cached, because every later step of the night
-    reads them: call :meth:`release` when done, or the next read of the same
-    prefix is answered from this cache and misses newly landed files.
+    status, ends_at; ``listing_count``: how many listings there are. Both
+    frames are cached, because every later step of the night reads them: call
+    :meth:`release` when done, or the next read of the same prefix is answered
+    from this cache and misses newly landed files.
     """
 
     bids: DataFrame
     listings: DataFrame
     counts: dict[str, int]
+    listing_count: int
     first_event_at: datetime
     last_event_at: datetime
     cached: list[DataFrame] = field(default_factory=list)
@@ -138,7 +141,8 @@ def load_landed(spark: SparkSession, base_uri: str) -> Landed:
     # them equal, so whichever copy wins carries the same values and nothing is counted twice.
     landed = raw.filter("_valid").drop("_valid")
     listings = listing_states(landed).cache()
-    checked = _checked_bids(latest_bids(landed), listings).cache()
+    listing_count = listings.count()
+    checked = _checked_bids(latest_bids(landed), listings, listing_count).cache()
     bid_counts = _bid_counts(checked)
     # Bids and listings are cached now: the parsed rows are not read again.
     raw.unpersist()
@@ -157,7 +161,13 @@ def load_landed(spark: SparkSession, base_uri: str) -> Landed:
     logger.info("landed events read: %s", counts)
     usable = checked.filter(F.col("bidder_id").isNotNull() & F.col("_known")).drop("_known")
     return Landed(
-        usable, listings, counts, summary["first"], summary["last"], cached=[listings, checked]
+        usable,
+        listings,
+        counts,
+        listing_count,
+        summary["first"],
+        summary["last"],
+        cached=[listings, checked],
     )
 
 
@@ -226,16 +236,18 @@ def latest_bids(unique: DataFrame) -> DataFrame:
     )
 
 
-def _checked_bids(bids: DataFrame, listings: DataFrame) -> DataFrame:
+def _checked_bids(bids: DataFrame, listings: DataFrame, listing_count: int) -> DataFrame:
     """``bids`` with ``_known``: true when a listing event names the bid's listing and its title.
 
-    The listing ids are broadcast: they are a few bytes per listing, and the
-    bids, many times more, then stay where they are instead of being shuffled.
+    The listing ids are broadcast while there are no more than
+    ``BROADCAST_INDEX_ROWS`` listings (:func:`batch.interactions.broadcast_if_small`):
+    a few bytes per listing, and the bids, many times more, then stay where
+    they are instead of being shuffled.
     """
     titled = listings.filter(F.col("title").isNotNull()).select(
         "listing_id", F.lit(True).alias("_known")
     )
-    return bids.join(F.broadcast(titled), "listing_id", "left")
+    return bids.join(broadcast_if_small(titled, listing_count), "listing_id", "left")
 
 
 def _bid_counts(checked: DataFrame) -> dict[str, int]:

@@ -44,7 +44,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, StringType, StructField, StructType
 
 from batch import model
-from batch.interactions import ITEM_COLUMNS
+from batch.interactions import ITEM_COLUMNS, broadcast_if_small
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,13 @@ def live_listings(listings: DataFrame, bids: DataFrame, now: datetime) -> DataFr
     )
 
 
-def won_items(item_bids: DataFrame, listings: DataFrame) -> DataFrame:
+def won_items(item_bids: DataFrame, listings: DataFrame, listing_count: int) -> DataFrame:
     """``user_id`` and item columns of every item a user won (top bid on a sold listing)."""
-    # The sold ids are broadcast, as the landing's check broadcasts every listing id, so
-    # the bids are not shuffled to find the few on sold listings.
-    sold = F.broadcast(listings.filter(F.col("status") == "sold").select("listing_id"))
+    # The sold ids are broadcast while the listings are few enough, as the landing's check
+    # broadcasts every listing id, so the bids are not shuffled to find the few on sold ones.
+    sold = broadcast_if_small(
+        listings.filter(F.col("status") == "sold").select("listing_id"), listing_count
+    )
     top_bid_first = Window.partitionBy("listing_id").orderBy(
         F.col("amount").desc(), F.col("placed_at").asc_nulls_last(), F.col("bid_key")
     )

@@ -305,7 +305,7 @@ class Kept:
 
 
 def _tables(landed: landing.Landed, settings: Settings, keep: Kept) -> Tables:
-    bids = keep(item_bids(landed.bids, landed.listings))
+    bids = keep(item_bids(landed.bids, landed.listings, landed.listing_count))
     pairs = keep(interactions(bids, settings, landed.last_event_at))
     users, user_count = dense_index(pairs, ["user_id"], "user_idx", keep)
     items, item_count = dense_index(pairs, ITEM_COLUMNS, "item_idx", keep)
@@ -329,7 +329,7 @@ def _documents(
 ) -> DataFrame:
     """One row per user: ``user_id``, ``source``, ``items`` (best first)."""
     size = settings.recs_per_user
-    won = keep(ranking.won_items(tables.bids, landed.listings))
+    won = keep(ranking.won_items(tables.bids, landed.listings, landed.listing_count))
 
     per_user = tables.indexed.groupBy("user_idx").agg(F.count(F.lit(1)).alias("_items"))
     # Kept, as small as the users: the picks join it three times.

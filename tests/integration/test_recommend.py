@@ -35,7 +35,7 @@ from conftest_recommend import (
 )
 from pyspark.sql import functions as F
 
-from batch import evaluation, interactions, model, publish, ranking
+from batch import evaluation, interactions, landing, model, publish, ranking
 from batch.model import AlsParams
 from batch.recommend import NIGHTLY_STAGES, Kept, evaluate_bid_log, run_nightly
 from encore import layout
@@ -460,11 +460,64 @@ def test_a_dense_index_numbers_in_order_and_is_broadcast_only_when_small(
                 (1, "y"),
                 (2, "x"),
             ]
-            plans[limit] = joined._jdf.queryExecution().executedPlan().toString()
+            plans[limit] = physical_plan(joined)
         assert "BroadcastHashJoin" in plans[3]
         assert "BroadcastHashJoin" not in plans[2]
     finally:
         keep.release()
+
+
+def physical_plan(frame: Any) -> str:
+    return str(frame._jdf.queryExecution().executedPlan().toString())
+
+
+def test_listings_are_sent_whole_to_the_bids_only_while_few(
+    spark: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listings = spark.createDataFrame(
+        [
+            ("1", "s", "Lamp", "Home", "Light", Decimal("5.00"), "sold", None),
+            ("2", "s", "Vase", "Home", "Decor", Decimal("3.00"), "live", None),
+        ],
+        "listing_id STRING, seller_id STRING, title STRING, category STRING, "
+        "sub_category STRING, price DECIMAL(18,2), status STRING, ends_at TIMESTAMP",
+    )
+    bids = spark.createDataFrame(
+        [
+            ("b1", "1", "u1", Decimal("4.00")),
+            ("b2", "1", "u2", Decimal("6.00")),
+            ("b3", "2", "u1", Decimal("2.00")),
+            ("b4", "9", "u3", Decimal("1.00")),
+        ],
+        "bid_key STRING, listing_id STRING, bidder_id STRING, amount DECIMAL(18,2)",
+    ).select("*", *(F.lit(None).cast("timestamp").alias(c) for c in ("placed_at", "commit_time")))
+    # Spark would broadcast frames this small by itself: only the marks are looked at.
+    threshold = spark.conf.get("spark.sql.autoBroadcastJoinThreshold")
+    spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    try:
+        rows, plans = {}, {}
+        for limit in (2, 1):
+            monkeypatch.setattr(interactions, "BROADCAST_INDEX_ROWS", limit)
+            checked = landing._checked_bids(bids, listings, 2).select("bid_key", "_known")
+            items = interactions.item_bids(bids, listings, 2).select("bid_key", "user_id", "title")
+            won = ranking.won_items(interactions.item_bids(bids, listings, 2), listings, 2)
+            frames = (checked, items, won)
+            rows[limit] = [sorted(map(tuple, frame.collect()), key=str) for frame in frames]
+            plans[limit] = [physical_plan(frame) for frame in frames]
+    finally:
+        spark.conf.set("spark.sql.autoBroadcastJoinThreshold", threshold)
+
+    assert (
+        rows[2]
+        == rows[1]
+        == [
+            [("b1", True), ("b2", True), ("b3", True), ("b4", None)],
+            [("b1", "u1", "Lamp"), ("b2", "u2", "Lamp"), ("b3", "u1", "Vase")],
+            [("u2", "Home", "Light", "Lamp")],
+        ]
+    )
+    assert all("BroadcastHashJoin" in plan for plan in plans[2])
+    assert not any("BroadcastHashJoin" in plan for plan in plans[1])
 
 
 def test_ids_beyond_32_bits_come_back_unchanged(first_night: dict[str, Any]) -> None:
