@@ -37,12 +37,21 @@ The baseline recommends the items most users bid on in training.
 
 Tuning
 ------
-Every (rank, regParam) of :data:`TUNING_GRID`, plus the configured pair,
-is fitted on the training part less a validation split and scored by NDCG@k
-on that validation split; the configured pair is tried first and kept on a
-tie. The winner is refitted on the whole training part for the test. When
-the grid is emptied and only the configured pair is left, nothing is fitted
-for tuning: there is no choice to make. A caller that already holds a choice
+A small search over the four parameters, in two rounds. Each candidate is
+fitted on the training part less a validation split and scored by NDCG@k on
+that validation split.
+
+1. Every (rank, regParam) pair of :data:`TUNING_GRID`, with the configured
+   alpha and iterations. The configured parameters are tried first.
+2. The best of round 1 with each other alpha of the grid, and with each
+   other number of iterations: one parameter changed at a time, because the
+   full grid of all four would take twice as many fits again.
+
+The best of both rounds wins; a candidate tried earlier is kept on a tie, so
+the configured parameters win every tie. The winner is refitted on the
+whole training part for the test. When the grid is emptied and only the
+configured parameters are left, nothing is fitted for tuning: there is no
+choice to make. A caller that already holds a choice
 (the nightly job reuses a recent night's, see :mod:`batch.recommend`) passes
 it as ``chosen`` and nothing is fitted for tuning either.
 
@@ -72,7 +81,13 @@ logger = logging.getLogger(__name__)
 
 K = 10
 HOLDOUT_SHARE = 0.2
-TUNING_GRID: dict[str, tuple[Any, ...]] = {"rank": (8, 16), "reg": (0.01, 0.1)}
+#: The values each parameter may take in the search, besides the configured one.
+TUNING_GRID: dict[str, tuple[Any, ...]] = {
+    "rank": (8, 16),
+    "reg": (0.01, 0.1),
+    "alpha": (1.0, 10.0, 40.0),
+    "iterations": (5, 10),
+}
 METRIC_NAMES = ("precision", "recall", "ndcg", "map")
 
 BID_LOG_SCHEMA = (
@@ -233,14 +248,15 @@ def popularity_recommendations(train: DataFrame, users: DataFrame, k: int = K) -
 
 
 def tune(train: DataFrame, base: AlsParams, k: int = K) -> tuple[AlsParams, list[dict[str, Any]]]:
-    """Pick (rank, regParam) by NDCG@k on a validation split of ``train`` alone.
+    """Pick the ALS parameters by NDCG@k on a validation split of ``train`` alone.
 
-    The candidates are fitted side by side: one ALS fit is a chain of small
-    Spark jobs that leaves cores idle between them, and each fit is seeded, so
-    running them together changes nothing but the time taken.
+    The search runs in two rounds (see the module docstring); each entry of
+    the returned list is one candidate with its round and score. The
+    candidates of a round are fitted side by side: one ALS fit is a chain of
+    small Spark jobs that leaves cores idle between them, and each fit is
+    seeded, so running them together changes nothing but the time taken.
     """
-    candidates = _candidates(base)
-    if len(candidates) == 1:
+    if _pairs(base) == [base] and _around(base) == []:
         return base, []
     inner = split_holdout(train, base.seed)
     fitting = inner.train.cache()
@@ -257,34 +273,52 @@ def tune(train: DataFrame, base: AlsParams, k: int = K) -> tuple[AlsParams, list
             recs = als_recommendations(fitted, fitting, users, k)
             return ranking_metrics(recs, validation, catalogue, k)[f"ndcg_at_{k}"]
 
-        with ThreadPoolExecutor(len(candidates)) as pool:
-            scores = list(pool.map(validate, candidates))
-        results = []
+        results: list[dict[str, Any]] = []
         best, best_score = base, -1.0
-        for candidate, score in zip(candidates, scores, strict=True):
-            results.append({"rank": candidate.rank, "reg": candidate.reg, f"ndcg_at_{k}": score})
-            logger.info(
-                "tuning rank=%s reg=%s: validation NDCG@%d %.4f",
-                candidate.rank,
-                candidate.reg,
-                k,
-                score,
-            )
-            if score > best_score:
-                best, best_score = candidate, score
+        tried: list[AlsParams] = []
+        for number, next_round in enumerate((_pairs, _around), start=1):
+            candidates = [c for c in next_round(best) if c not in tried]
+            if not candidates:
+                continue
+            with ThreadPoolExecutor(len(candidates)) as pool:
+                scores = list(pool.map(validate, candidates))
+            for candidate, score in zip(candidates, scores, strict=True):
+                results.append({"round": number, **_searched(candidate), f"ndcg_at_{k}": score})
+                logger.info(
+                    "tuning round %d %s: validation NDCG@%d %.4f",
+                    number,
+                    _searched(candidate),
+                    k,
+                    score,
+                )
+                if score > best_score:
+                    best, best_score = candidate, score
+            tried.extend(candidates)
         return best, results
     finally:
         fitting.unpersist()
         validation.unpersist()
 
 
-def _candidates(base: AlsParams) -> list[AlsParams]:
+def _searched(params: AlsParams) -> dict[str, Any]:
+    return {name: getattr(params, name) for name in TUNING_GRID}
+
+
+def _pairs(base: AlsParams) -> list[AlsParams]:
+    """Round 1: ``base``, then every other (rank, regParam) of the grid."""
     grid = [
         replace(base, rank=rank, reg=reg)
         for rank in TUNING_GRID["rank"]
         for reg in TUNING_GRID["reg"]
     ]
     return [base, *(candidate for candidate in grid if candidate != base)]
+
+
+def _around(best: AlsParams) -> list[AlsParams]:
+    """Round 2: ``best`` with each other alpha, then with each other number of iterations."""
+    alphas = [replace(best, alpha=alpha) for alpha in TUNING_GRID["alpha"]]
+    iterations = [replace(best, iterations=count) for count in TUNING_GRID["iterations"]]
+    return [candidate for candidate in (*alphas, *iterations) if candidate != best]
 
 
 def sample_users(interactions: DataFrame, max_users: int | None, seed: int) -> DataFrame:

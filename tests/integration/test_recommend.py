@@ -46,7 +46,7 @@ pytestmark = pytest.mark.integration
 
 FIRST, SECOND = "night-1", "night-2"
 #: The nights tune over the configured parameters only; the whole grid is tried on eBay.
-QUICK_TUNING: dict[str, tuple[Any, ...]] = {"rank": (), "reg": ()}
+QUICK_TUNING: dict[str, tuple[Any, ...]] = {"rank": (), "reg": (), "alpha": (), "iterations": ()}
 BLANKED_BIDDERS = 3
 
 
@@ -658,11 +658,18 @@ def test_neither_tuning_nor_the_tested_model_sees_held_out_pairs(spark: Any) -> 
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model, "fit", spy)
-        patch.setattr(evaluation, "TUNING_GRID", {"rank": (8,), "reg": (0.01, 0.1)})
+        patch.setattr(
+            evaluation,
+            "TUNING_GRID",
+            {"rank": (8,), "reg": (0.01, 0.1), "alpha": (10.0, 20.0), "iterations": ()},
+        )
         result = evaluation.evaluate(interactions, AlsParams(8, 0.1, 10.0, 2, 42))
 
     assert result["split"] == "time" and len(held_out) == 40
-    assert len(result["tuning"]) == len(fitted_on) - 1 == 2
+    # Round 1: the configured pair and reg 0.01; round 2: the better of them with alpha 20.
+    assert [entry["round"] for entry in result["tuning"]] == [1, 1, 2]
+    assert result["tuning"][2]["alpha"] == 20.0
+    assert len(result["tuning"]) == len(fitted_on) - 1 == 3
     assert all(not pairs & held_out for pairs in fitted_on)
     assert all(pairs < fitted_on[-1] for pairs in fitted_on[:-1])  # validation held back too
 

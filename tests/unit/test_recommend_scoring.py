@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,11 +80,39 @@ def test_scores_that_are_not_numbers_are_dropped() -> None:
         (AlsParams(12, 0.05, 10.0, 10, 42), 5),  # tried first, beside the grid
     ],
 )
-def test_tuning_tries_the_configured_pair_first_then_the_grid(
+def test_the_first_round_tries_the_configured_pair_first_then_every_grid_pair(
     base: AlsParams, expected: int
 ) -> None:
-    candidates = evaluation._candidates(base)
+    candidates = evaluation._pairs(base)
 
     assert candidates[0] == base
     assert len(candidates) == len(set(candidates)) == expected
     assert {replace(c, rank=base.rank, reg=base.reg) for c in candidates} == {base}
+
+
+@pytest.mark.parametrize(
+    ("best", "expected"),
+    [
+        (
+            AlsParams(8, 0.01, 10.0, 10, 42),
+            [(8, 0.01, 1.0, 10), (8, 0.01, 40.0, 10), (8, 0.01, 10.0, 5)],
+        ),
+        (
+            AlsParams(16, 0.1, 20.0, 15, 42),  # neither value is in the grid
+            [
+                (16, 0.1, 1.0, 15),
+                (16, 0.1, 10.0, 15),
+                (16, 0.1, 40.0, 15),
+                (16, 0.1, 20.0, 5),
+                (16, 0.1, 20.0, 10),
+            ],
+        ),
+    ],
+)
+def test_the_second_round_changes_alpha_or_iterations_of_the_best_pair_one_at_a_time(
+    best: AlsParams, expected: list[tuple[Any, ...]]
+) -> None:
+    candidates = evaluation._around(best)
+
+    assert [(c.rank, c.reg, c.alpha, c.iterations) for c in candidates] == expected
+    assert {c.seed for c in candidates} == {best.seed}
