@@ -212,6 +212,7 @@ def _summary(
                 "users_fallback",
                 "live_listings",
                 "metrics",
+                "evaluation",
                 "metrics_bid_log",
                 "sample",
             )
