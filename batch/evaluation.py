@@ -45,7 +45,7 @@ that validation split.
    alpha and iterations. The configured parameters are tried first.
 2. The best of round 1 with each other alpha of the grid, and with each
    other number of iterations: one parameter changed at a time, because the
-   full grid of all four would take twice as many fits again.
+   full grid of all four would take 24 fits, against these 7.
 
 The best of both rounds wins; a candidate tried earlier is kept on a tie, so
 the configured parameters win every tie. The winner is refitted on the

@@ -79,8 +79,8 @@ def live_listings(listings: DataFrame, bids: DataFrame, now: datetime) -> DataFr
 
 def won_items(item_bids: DataFrame, listings: DataFrame, listing_count: int) -> DataFrame:
     """``user_id`` and item columns of every item a user won (top bid on a sold listing)."""
-    # The sold ids are broadcast while the listings are few enough, as the landing's check
-    # broadcasts every listing id, so the bids are not shuffled to find the few on sold ones.
+    # Under the same limit as the landing's check of every listing id, the sold ids are
+    # broadcast, so the bids are not shuffled to find the few on sold listings.
     sold = broadcast_if_small(
         listings.filter(F.col("status") == "sold").select("listing_id"), listing_count
     )
